@@ -1,0 +1,40 @@
+# The README's two commands, `make demo` and `make test`, set everything up themselves:
+# a local virtual environment in $(VENV) with the project installed in editable mode.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The torch build to install first. These wheels lie on this project's machines; elsewhere
+# override it, e.g. `make test TORCH_SPEC=torch` (any torch>=2.2 works).
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+.PHONY: install demo test zoo bench lint clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -m pip install --quiet $(TORCH_SPEC) 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -m pip install --quiet -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -c "import torch, torchvision, lens_core, lens_callbacks"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) examples/quickstart.py
+
+lint: install
+	$(VENV)/bin/ruff check .
+	mkdir -p build/mypy && ln -sfn ../../core build/mypy/lens_core && ln -sfn ../../lens_callbacks build/mypy/lens_callbacks
+	$(VENV)/bin/mypy
+
+test: lint
+	$(PY) -m pytest -m "not zoo" $(PYTEST_ARGS)
+
+zoo: install
+	$(PY) -m pytest -m zoo $(PYTEST_ARGS)
+
+bench: install
+	$(PY) benchmarks/capture_overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

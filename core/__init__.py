@@ -1,0 +1,25 @@
+"""lens_core: record every operation of a PyTorch forward pass, and its graph.
+
+Depends on torch only. The vocabulary follows the TorchLens README (``log_forward_pass``,
+``ModelHistory``, ``tensor_contents``, labels such as ``conv2d_3_7`` and ``linear_1_1:2``).
+"""
+
+from lens_core.capture import Capture, capture, get_model_metadata, log_forward_pass
+from lens_core.errors import CaptureError, LayerNotFoundError, LensError
+from lens_core.history import ModelHistory
+from lens_core.records import FrameInfo, Layer, ParamInfo
+
+__all__ = [
+    "Capture",
+    "CaptureError",
+    "FrameInfo",
+    "Layer",
+    "LayerNotFoundError",
+    "LensError",
+    "ModelHistory",
+    "ParamInfo",
+    "capture",
+    "get_model_metadata",
+    "log_forward_pass",
+]
+__version__ = "0.1.0"

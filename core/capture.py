@@ -1,0 +1,303 @@
+"""Capturing a forward pass: the :class:`Capture` context manager and the one-call functions.
+
+Layered like TransformerLens: :class:`Capture` records whatever runs while it is active (the
+model, the loss, several calls); :func:`log_forward_pass` and :func:`get_model_metadata` run one
+forward pass under a capture and return its :class:`ModelHistory`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+import threading
+import warnings
+from collections.abc import Mapping
+from time import perf_counter
+from types import FrameType, TracebackType
+from typing import Any
+
+import torch
+from torch import nn
+
+from lens_core.errors import CaptureError, LayerNotFoundError
+from lens_core.history import ModelHistory
+from lens_core.recorder import Recorder, iter_tensors
+from lens_core.selection import LayerSpec, Selection
+
+__all__ = ["Capture", "capture", "get_model_metadata", "log_forward_pass"]
+
+_active_lock = threading.Lock()
+_active: Capture | None = None
+
+
+def _check_model(model: Any) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"model must be a torch.nn.Module, got {type(model).__name__}. "
+            "Wrap a plain function in an nn.Module whose forward calls it."
+        )
+    return model
+
+
+def _rng_states() -> dict[str, Any]:
+    states: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            states[f"cuda:{index}"] = state
+    return states
+
+
+class Capture:
+    """Records every tensor-producing torch op that runs while it is active.
+
+    Use it when the forward pass is not a single call you can hand over: a training step with
+    its loss, a model called several times, code between the calls::
+
+        with lens_core.capture(model, layers="conv") as cap:
+            loss = criterion(model(x), y)
+        cap.history["conv2d_1_1"].tensor_contents
+
+    Only one capture can be active in a process at a time. ``start()``/``stop()`` do the same
+    as the ``with`` statement for code that cannot nest a block (training callbacks).
+
+    Args:
+        model: the module whose submodules and parameters name the ops. Ops outside it (the
+            loss) are recorded too, at top level.
+        layers: which outputs to keep (``"all"``, ``None`` or a selection; see
+            :func:`log_forward_pass`'s ``layers_to_save``).
+        random_seed: if given, ``torch.manual_seed(random_seed)`` runs at the start, so the
+            pass can be repeated exactly. Without it, the RNG is left alone (its state is
+            recorded in ``history.rng_states``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: LayerSpec = "all",
+        *,
+        random_seed: int | None = None,
+        _argument: str = "layers",
+    ) -> None:
+        self.model = _check_model(model)
+        if random_seed is not None and (isinstance(random_seed, bool) or not isinstance(random_seed, int)):
+            raise TypeError(f"random_seed must be an int or None, got {random_seed!r}.")
+        self.random_seed = random_seed
+        self.argument = _argument  # what the user called `layers`, for error messages
+        self.selection = Selection(layers, (name for name, _ in model.named_modules()), _argument)
+        self._recorder: Recorder | None = None
+        self._history: ModelHistory | None = None
+        self._rng_states: dict[str, Any] = {}
+        self._started_at = 0.0
+
+    @property
+    def history(self) -> ModelHistory:
+        """The finished history (after ``stop()`` or the end of the ``with`` block)."""
+        if self._history is None:
+            state = "is still running" if self._recorder else "has not run"
+            raise CaptureError(f"The capture {state}: read .history after the with block (or stop()).")
+        return self._history
+
+    @property
+    def recorder(self) -> Recorder:
+        if self._recorder is None:
+            raise CaptureError("The capture is not active: call start() or enter the with block.")
+        return self._recorder
+
+    def start(self, stop_frame: FrameType | None = None) -> Capture:
+        """Starts recording; ``stop_frame`` is the caller frame the recorded call stacks end at."""
+        global _active
+        with _active_lock:
+            if _active is not None:
+                raise CaptureError(
+                    "Another lens_core capture is already active in this process; captures "
+                    "cannot nest or run concurrently. Finish the other one (leave its with "
+                    "block or call stop()) first."
+                )
+            _active = self
+        try:
+            self._history = None
+            self._rng_states = _rng_states()
+            if self.random_seed is not None:
+                torch.manual_seed(self.random_seed)
+            self._recorder = Recorder(self.model, self.selection, stop_frame)
+            self._started_at = perf_counter()
+            self._recorder.install()
+        except BaseException:
+            self._recorder = None
+            _active = None
+            raise
+        return self
+
+    def stop(self, *, strict: bool = True) -> ModelHistory:
+        """Stops recording and builds the history.
+
+        Args:
+            strict: raise :class:`LayerNotFoundError` if an item of ``layers`` matched nothing.
+        """
+        global _active
+        recorder = self.recorder
+        try:
+            recorder.uninstall()
+        finally:
+            self._recorder = None
+            _active = None
+        elapsed = perf_counter() - self._started_at
+        self._history = _build_history(self, recorder, elapsed, strict)
+        return self._history
+
+    def __enter__(self) -> Capture:
+        return self.start(stop_frame=sys._getframe(1))
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            self.stop()
+            return
+        try:  # the user's error is what matters; a history of the failed pass is a bonus
+            self.stop(strict=False)
+        except Exception:
+            self._history = None
+
+
+def capture(model: nn.Module, layers: LayerSpec = "all", *, random_seed: int | None = None) -> Capture:
+    """A :class:`Capture` of ``model`` to use in a ``with`` statement."""
+    return Capture(model, layers, random_seed=random_seed)
+
+
+def _build_history(cap: Capture, recorder: Recorder, elapsed: float, strict: bool) -> ModelHistory:
+    entries = recorder.entries
+    passes = recorder.layer_pass_counts()
+    for entry in entries:
+        entry.num_passes = passes[entry.layer_index]
+        entry.layer_label = f"{entry.layer_type}_{entry.type_index}_{entry.layer_index}"
+        entry.label = entry.layer_label + (f":{entry.pass_num}" if entry.num_passes > 1 else "")
+    for entry in entries:
+        entry.parents = [entries[i].label for i in dict.fromkeys(entry.parent_indices)]
+        for parent in dict.fromkeys(entry.parent_indices):
+            entries[parent].children.append(entry.label)
+
+    selection = cap.selection
+    matched: list[Any] = []
+    for entry in entries:
+        if entry.tensor_contents is None:
+            continue
+        version = recorder.saved_versions.get(entry.index)
+        if version is not None and entry.tensor_contents._version != version:
+            warnings.warn(
+                f"The output of {entry.label} was changed in place after it was saved, by an op "
+                "lens_core did not see as in-place; its tensor_contents may hold the later value.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    for entry in entries:
+        found = selection.matched_items(entry, len(entries)) if not selection.is_empty else []
+        matched += found
+        if not found:
+            entry.tensor_contents = None
+    unmatched = [
+        item for item in selection.items
+        if not callable(item) and not any(item is m or item == m for m in matched)
+    ]
+    if strict and unmatched:
+        names = [e.label for e in entries] + list(recorder.module_calls)
+        close = difflib.get_close_matches(str(unmatched[0]), names, n=5, cutoff=0.5)
+        raise LayerNotFoundError(
+            f"{cap.argument}={unmatched[0]!r} matches no layer of this pass"
+            + (f" (closest: {', '.join(close)})" if close else "")
+            + f"; the pass has {len(entries)} layers (history.all_layer_labels lists them; "
+            "lens_core.get_model_metadata(model, x) shows them without saving anything)."
+        )
+
+    model = cap.model
+    if selection.everything or selection.is_empty:
+        listed = [e.label for e in entries]
+    else:
+        listed = [e.label for e in entries if e.tensor_contents is not None]
+    return ModelHistory(
+        model_name=type(model).__name__,
+        layer_list=entries,
+        layer_labels=listed,
+        module_addresses=[name for name, _ in model.named_modules() if name],
+        module_types={name: type(m).__name__ for name, m in model.named_modules() if name},
+        module_calls={k: v for k, v in recorder.module_calls.items() if k},
+        total_params=sum(p.numel() for p in model.parameters()),
+        total_param_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+        random_seed=cap.random_seed,
+        rng_states=cap._rng_states,
+        elapsed_time=elapsed,
+    )
+
+
+def _as_args(input_args: Any) -> tuple[Any, ...]:
+    if isinstance(input_args, (list, tuple)):
+        return tuple(input_args)
+    return (input_args,)
+
+
+def log_forward_pass(
+    model: nn.Module,
+    input_args: Any,
+    input_kwargs: Mapping[str, Any] | None = None,
+    layers_to_save: LayerSpec = "all",
+    vis_opt: str = "none",
+    vis_nesting_depth: int = 1000,
+    vis_outpath: str = "modelgraph",
+    vis_fileformat: str = "pdf",
+    random_seed: int | None = None,
+) -> ModelHistory:
+    """Runs ``model`` once and returns the :class:`ModelHistory` of every op it ran.
+
+    Args:
+        model: the model; its ``training`` flag is left as it is.
+        input_args: a tensor, or a list/tuple of positional arguments.
+        input_kwargs: keyword arguments of the forward call.
+        layers_to_save: ``"all"`` (default), ``None`` (metadata only), or one or a list of:
+            a layer label (``"conv2d_3_7"``, ``"conv2d_3"``, ``"linear_1_1:2"``), a module
+            address (``"features"``, ``"fc:2"``: the layer that is that module's output), an
+            ordinal (``7``, ``-5``), a substring of labels (``"conv"``), or a predicate taking a
+            :class:`Layer`. History and indexing cover every layer either way.
+        vis_opt: ``"none"``, or ``"unrolled"``/``"rolled"`` to also render the graph.
+        vis_nesting_depth: deepest module level drawn when rendering.
+        vis_outpath: where the rendered graph goes (without extension).
+        vis_fileformat: graphviz output format (``pdf``, ``png``, ``svg``...).
+        random_seed: seed set before the pass (see :class:`Capture`).
+
+    Raises:
+        LayerNotFoundError: an item of ``layers_to_save`` matched no layer.
+    """
+    if vis_opt not in ("none", "unrolled", "rolled"):
+        raise ValueError(f"vis_opt={vis_opt!r}: use 'none', 'unrolled' or 'rolled'.")
+    if isinstance(vis_nesting_depth, bool) or not isinstance(vis_nesting_depth, int) or vis_nesting_depth < 1:
+        raise ValueError(f"vis_nesting_depth={vis_nesting_depth!r}: use an int >= 1.")
+    if input_kwargs is not None and not isinstance(input_kwargs, Mapping):
+        raise TypeError(f"input_kwargs must be a dict or None, got {type(input_kwargs).__name__}.")
+    if vis_opt != "none":
+        raise NotImplementedError(
+            f"vis_opt={vis_opt!r}: graph rendering is not built yet (issue #4); use vis_opt='none'."
+        )
+    args = _as_args(input_args)
+    kwargs = dict(input_kwargs or {})
+    cap = Capture(model, layers_to_save, random_seed=random_seed, _argument="layers_to_save")
+    cap.start(stop_frame=sys._getframe(0))
+    try:
+        for tensor in iter_tensors((args, kwargs)):
+            cap.recorder.add_input(tensor)
+        model(*args, **kwargs)
+    except BaseException:
+        cap.stop(strict=False)
+        raise
+    return cap.stop()
+
+
+def get_model_metadata(
+    model: nn.Module,
+    input_args: Any,
+    input_kwargs: Mapping[str, Any] | None = None,
+    random_seed: int | None = None,
+) -> ModelHistory:
+    """Same as :func:`log_forward_pass` with ``layers_to_save=None``: every layer, no tensors."""
+    return log_forward_pass(model, input_args, input_kwargs, layers_to_save=None, random_seed=random_seed)

@@ -1,0 +1,171 @@
+"""``ModelHistory``: the record of one captured forward pass, indexed the TorchLens way."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from lens_core._format import format_history
+from lens_core.errors import LayerNotFoundError
+from lens_core.records import Layer
+
+__all__ = ["ModelHistory"]
+
+
+@dataclass(eq=False)
+class ModelHistory:
+    """Every op of a forward pass (one :class:`Layer` per pass), with model-level facts.
+
+    Index it by any of the keys TorchLens accepts, all naming the same layer::
+
+        history["conv2d_3_7"]      # label: 3rd conv2d, 7th layer overall
+        history["conv2d_3"]        # label without the overall number
+        history["conv2d_3_7:1"]    # with the pass
+        history["features.6"]      # the module whose output it is (also "features.6:1")
+        history[7], history[-17]   # ordinal position, inputs and outputs included
+    """
+
+    model_name: str
+    layer_list: list[Layer]
+    """Every layer pass in execution order."""
+    layer_labels: list[str]
+    """Labels of the layers asked for: all of them for ``layers_to_save="all"`` or ``None``,
+    else the selected ones (as in TorchLens). :attr:`all_layer_labels` always lists every one."""
+    module_addresses: list[str]
+    """Addresses of every submodule of the model (``features``, ``features.0``, ...)."""
+    module_types: dict[str, str]
+    """Class name of each module address."""
+    module_calls: dict[str, int]
+    """How many times each module ran (its number of passes)."""
+    total_params: int
+    total_param_bytes: int
+    random_seed: int | None
+    """Seed set before the pass, if one was asked for (``random_seed=``)."""
+    rng_states: dict[str, Any] = field(repr=False)
+    """RNG states (``cpu``, ``cuda:N``) at the start of the capture, to replay random ops."""
+    elapsed_time: float
+    _lookup: dict[str | int, Layer | list[str]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._lookup = {}
+        count = len(self.layer_list)
+        candidates = []
+        for layer in self.layer_list:
+            keys: list[str | int] = [layer.index - count, layer.index, layer.label]
+            keys.append(f"{layer.layer_label}:{layer.pass_num}")
+            for tag in reversed(layer.output_of_modules):  # outermost module first
+                keys += [tag.rpartition(":")[0], tag]
+            short = f"{layer.layer_type}_{layer.type_index}"
+            for key in [*keys, short, f"{short}:{layer.pass_num}", layer.layer_label]:
+                self._add_key(key, layer)
+            candidates.append(keys)
+        for layer, keys in zip(self.layer_list, candidates, strict=True):
+            unique = (key for key in keys if self._lookup[key] is layer)
+            layer.lookup_keys = tuple(dict.fromkeys(unique))
+
+    def _add_key(self, key: str | int, layer: Layer) -> None:
+        known = self._lookup.get(key)
+        if known is None or known is layer:
+            self._lookup[key] = layer
+        elif isinstance(known, Layer):  # a key shared by several layers names none of them
+            self._lookup[key] = [known.label, layer.label]
+        else:
+            known.append(layer.label)
+
+    # -- indexing ------------------------------------------------------------------------------
+
+    def __getitem__(self, key: str | int) -> Layer:
+        if isinstance(key, bool) or not isinstance(key, (str, int)):
+            raise TypeError(
+                f"history[{key!r}]: index with a layer label, module address or int ordinal, "
+                f"not {type(key).__name__}."
+            )
+        found = self._lookup.get(key)
+        if isinstance(found, Layer):
+            return found
+        if isinstance(key, int):
+            raise IndexError(
+                f"history[{key}]: ordinal out of range; this history has {len(self)} layers "
+                f"(valid: {-len(self)} to {len(self) - 1})."
+            )
+        if found is not None:
+            raise LayerNotFoundError(
+                f"history[{key!r}] is ambiguous: it names {len(found)} layers "
+                f"({', '.join(found)}). Index one of them, e.g. history[{found[0]!r}]."
+            )
+        names = [k for k in self._lookup if isinstance(k, str)]
+        close = difflib.get_close_matches(key, names, n=5, cutoff=0.5)
+        hint = f" Closest: {', '.join(close)}." if close else ""
+        raise LayerNotFoundError(
+            f"history[{key!r}]: no layer or module has that name.{hint} All layers are in "
+            f"history.all_layer_labels, modules in history.module_addresses."
+        )
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(self._lookup.get(key), Layer)  # type: ignore[call-overload]
+
+    def __len__(self) -> int:
+        return len(self.layer_list)
+
+    def __iter__(self) -> Iterator[Layer]:
+        return iter(self.layer_list)
+
+    def __str__(self) -> str:
+        return format_history(self)
+
+    # -- model-level facts ---------------------------------------------------------------------
+
+    @property
+    def all_layer_labels(self) -> list[str]:
+        return [layer.label for layer in self.layer_list]
+
+    @property
+    def input_layers(self) -> list[str]:
+        return [layer.label for layer in self.layer_list if layer.is_input]
+
+    @property
+    def output_layers(self) -> list[str]:
+        return [layer.label for layer in self.layer_list if layer.is_output]
+
+    @property
+    def saved_layers(self) -> list[Layer]:
+        return [layer for layer in self.layer_list if layer.tensor_contents is not None]
+
+    @property
+    def num_tensors_saved(self) -> int:
+        return len(self.saved_layers)
+
+    @property
+    def total_activation_bytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layer_list)
+
+    @property
+    def saved_activation_bytes(self) -> int:
+        return sum(layer.nbytes for layer in self.saved_layers)
+
+    @property
+    def max_passes(self) -> int:
+        return max((layer.num_passes for layer in self.layer_list), default=0)
+
+    @property
+    def is_recurrent(self) -> bool:
+        """Whether some layer ran more than once (a loop, or a module called again)."""
+        return self.max_passes > 1
+
+    @property
+    def is_branching(self) -> bool:
+        """Whether some layer's output fed more than one later layer."""
+        return any(len(layer.children) > 1 for layer in self.layer_list)
+
+    @property
+    def module_hierarchy(self) -> dict[str, list[str]]:
+        """Top-level modules mapped to every module nested inside them."""
+        tree: dict[str, list[str]] = {}
+        for address in self.module_addresses:
+            top = address.split(".", 1)[0]
+            tree.setdefault(top, [])
+            if address != top:
+                tree[top].append(address)
+        return tree

@@ -1,0 +1,339 @@
+"""The recorder: a scoped ``TorchFunctionMode`` plus process-wide module hooks.
+
+While installed it sees every torch call of the thread that installed it. Calls returning
+tensors become :class:`~lens_core.records.Layer` entries; module hooks tell which module each op
+ran in and which op is the output of which module call. Nothing of torch is patched: the mode
+and the hooks are the official, scoped mechanisms, and :meth:`Recorder.uninstall` removes both.
+
+The handler runs once per torch op, so it is written for speed: no work for ops that return no
+tensor, cached per-callable facts, and copies only of saved tensors that are about to be
+overwritten in place.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from time import perf_counter
+from types import CodeType, FrameType
+from typing import Any
+
+from torch import Tensor, nn
+from torch.nn.modules.module import (
+    register_module_forward_hook,
+    register_module_forward_pre_hook,
+)
+from torch.overrides import TorchFunctionMode
+from torch.utils.hooks import RemovableHandle
+
+from lens_core._ops import MUTATES_NOTHING, OpInfo, describe
+from lens_core.records import Layer, ParamInfo
+from lens_core.selection import Selection
+
+# Per-callable facts, shared by all captures: torch callables live as long as the process.
+_OP_INFO: dict[Callable[..., Any], OpInfo] = {}
+# Deepest call stack recorded per op when the capture's own frame is not on the stack.
+_MAX_FRAMES = 64
+
+_RecurrenceKey = tuple[Any, ...]
+
+
+def iter_tensors(obj: Any, depth: int = 0) -> Iterator[Tensor]:
+    """Tensors inside a (nested) tuple, list, dict or dataclass-like output, in order."""
+    if isinstance(obj, Tensor):
+        yield obj
+    elif depth < 8:
+        if isinstance(obj, (list, tuple)):
+            items: Any = obj
+        elif isinstance(obj, dict):
+            items = obj.values()
+        else:
+            return
+        for item in items:
+            yield from iter_tensors(item, depth + 1)
+
+
+def _storage_key(tensor: Tensor) -> int | None:
+    try:
+        return int(tensor.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError, TypeError):  # no storage (meta, sparse, subclass)
+        return None
+
+
+class Recorder(TorchFunctionMode):
+    """Records the ops and module calls of one capture into :attr:`entries`."""
+
+    def __init__(
+        self, model: nn.Module, selection: Selection, stop_frame: FrameType | None
+    ) -> None:
+        super().__init__()
+        self.entries: list[Layer] = []
+        self.module_calls: dict[str, int] = {}
+        self._selection = selection
+        self._stop_frame = stop_frame
+        self._thread = threading.get_ident()
+        self._addresses = {id(m): name for name, m in model.named_modules()}
+        self._params = {
+            id(p): ParamInfo(name, tuple(p.shape), p.numel(), p.numel() * p.element_size())
+            for name, p in model.named_parameters()
+        }
+        self._buffers = {id(b): name for name, b in model.named_buffers()}
+        # id(tensor) -> (weak reference, entry that produced it); the weak reference tells a live
+        # tensor from a new one that reuses a dead one's id.
+        self._producers: dict[int, tuple[weakref.ref[Tensor], Layer]] = {}
+        self._layers: dict[_RecurrenceKey, list[int]] = {}  # key -> [type_index, layer_index, passes]
+        self._type_counts: dict[str, int] = {}
+        # storage -> saved entries whose tensor lives in it: the copy-on-write table
+        self._saved_by_storage: dict[int, list[Layer]] = {}
+        self.saved_versions: dict[int, int] = {}  # entry index -> tensor version when saved
+        self._stack: tuple[str, ...] = ()  # "address:pass" of the modules we are inside
+        self._stack_addresses: tuple[str, ...] = ()
+        self._handles: list[RemovableHandle] = []
+
+    # -- installation -----------------------------------------------------------------------
+
+    def install(self) -> None:
+        self._handles = [
+            register_module_forward_pre_hook(self._on_module_enter),
+            register_module_forward_hook(self._on_module_exit, always_call=True),
+        ]
+        try:
+            self.__enter__()  # type: ignore[no-untyped-call]  # pushes the mode
+        except BaseException:
+            self._remove_hooks()
+            raise
+
+    def uninstall(self) -> None:
+        try:
+            self.__exit__(None, None, None)  # type: ignore[no-untyped-call]
+        finally:
+            self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # -- ops ----------------------------------------------------------------------------------
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        if kwargs is None:
+            kwargs = {}
+        info = _OP_INFO.get(func)
+        if info is None:
+            info = _OP_INFO[func] = describe(func)
+        mutated = None
+        if info.mutates != MUTATES_NOTHING or kwargs:
+            mutated = info.mutated_tensor(args, kwargs)
+            if mutated is not None and self._saved_by_storage:
+                self._copy_before_write(mutated)
+        start = perf_counter()
+        out = func(*args, **kwargs)
+        elapsed = perf_counter() - start
+        if isinstance(out, Tensor):
+            self._record(func, info, args, kwargs, ((None, out),), elapsed, mutated is not None)
+        elif isinstance(out, (tuple, list)):
+            outputs = tuple((i, o) for i, o in enumerate(out) if isinstance(o, Tensor))
+            if outputs:
+                self._record(func, info, args, kwargs, outputs, elapsed, mutated is not None)
+        elif out is None and isinstance(mutated, Tensor):  # x[i] = y returns nothing, changes x
+            self._record(func, info, args, kwargs, ((None, mutated),), elapsed, True)
+        return out
+
+    def _copy_before_write(self, mutated: Any) -> None:
+        """Replaces saved tensors that share storage with ``mutated`` by copies of themselves."""
+        for tensor in iter_tensors(mutated):
+            key = _storage_key(tensor)
+            for entry in self._saved_by_storage.pop(key, ()) if key is not None else ():
+                if entry.tensor_contents is not None:
+                    entry.tensor_contents = entry.tensor_contents.clone()
+                self.saved_versions.pop(entry.index, None)
+
+    def _record(
+        self,
+        func: Callable[..., Any],
+        info: OpInfo,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        outputs: tuple[tuple[int | None, Tensor], ...],
+        elapsed: float,
+        inplace: bool,
+    ) -> None:
+        parents: list[int] = []
+        params: list[ParamInfo] = []
+        buffers: list[str] = []
+        for arg in (*args, *kwargs.values()) if kwargs else args:
+            if isinstance(arg, Tensor):
+                self._classify_arg(arg, parents, params, buffers)
+            elif type(arg) is list or type(arg) is tuple:
+                for item in arg:
+                    if isinstance(item, Tensor):
+                        self._classify_arg(item, parents, params, buffers)
+
+        frames, site = self._call_stack()
+        if params:  # an op using the same parameters again is another pass of the same layer
+            key_base: tuple[Any, ...] = (func, tuple(p.name for p in params))
+        else:  # a parameter-free op is one when it runs again from the same code path
+            key_base = (func, self._stack_addresses, site)
+        for out_index, out in outputs:
+            entry = self._new_entry(
+                (*key_base, out_index), info.type_name, info.func_name, func, out,
+                parents, frames,
+            )
+            entry.params = tuple(params)
+            entry.buffers = tuple(buffers)
+            entry.is_inplace = inplace
+            entry.output_index = out_index
+            entry.time_elapsed = elapsed
+
+    def _classify_arg(
+        self, tensor: Tensor, parents: list[int], params: list[ParamInfo], buffers: list[str]
+    ) -> None:
+        tid = id(tensor)
+        param = self._params.get(tid)
+        if param is not None:
+            params.append(param)
+            return
+        buffer = self._buffers.get(tid)
+        if buffer is not None:
+            buffers.append(buffer)
+        producer = self._producers.get(tid)
+        if producer is not None and producer[0]() is tensor:
+            parents.append(producer[1].index)
+        elif buffer is None:  # a tensor from outside the capture: it enters as an input
+            parents.append(self.add_input(tensor).index)
+
+    def _call_stack(self) -> tuple[tuple[tuple[CodeType, int], ...], tuple[int, ...]]:
+        """The frames between the op and the capture, and a hashable key of that code path."""
+        frames: list[tuple[CodeType, int]] = []
+        site: list[int] = []
+        frame: FrameType | None = sys._getframe(3)  # skip _call_stack, _record and __torch_function__
+        stop = self._stop_frame
+        while frame is not None and len(frames) < _MAX_FRAMES:
+            code = frame.f_code
+            lasti = frame.f_lasti
+            frames.append((code, lasti))
+            site.append(id(code))
+            site.append(lasti)
+            if frame is stop:
+                break
+            frame = frame.f_back
+        return tuple(frames), tuple(site)
+
+    def _new_entry(
+        self,
+        key: _RecurrenceKey,
+        type_name: str,
+        func_name: str,
+        func: Callable[..., Any] | None,
+        out: Tensor,
+        parents: list[int],
+        frames: tuple[tuple[CodeType, int], ...],
+    ) -> Layer:
+        layer = self._layers.get(key)
+        if layer is None:
+            type_index = self._type_counts[type_name] = self._type_counts.get(type_name, 0) + 1
+            layer = self._layers[key] = [type_index, len(self._layers), 0]
+        layer[2] += 1
+        grad_fn = out.grad_fn
+        entry = Layer(
+            layer_type=type_name,
+            type_index=layer[0],
+            layer_index=layer[1],
+            pass_num=layer[2],
+            index=len(self.entries),
+            func_name=func_name,
+            func=func,
+            shape=tuple(out.shape),
+            dtype=out.dtype,
+            device=out.device,
+            grad_fn_name=None if grad_fn is None else type(grad_fn).__name__,
+            module_stack=self._stack,
+            params=(),
+            buffers=(),
+            parent_indices=parents,
+            frames=frames,
+        )
+        self.entries.append(entry)
+        self._producers[id(out)] = (weakref.ref(out), entry)
+        if self._selection.keep_at_op(entry):
+            self._save(entry, out)
+        return entry
+
+    def _save(self, entry: Layer, tensor: Tensor) -> None:
+        entry.tensor_contents = tensor
+        key = _storage_key(tensor)
+        if key is not None:
+            self._saved_by_storage.setdefault(key, []).append(entry)
+            self.saved_versions[entry.index] = tensor._version
+
+    # -- inputs, outputs and modules ---------------------------------------------------------
+
+    def add_input(self, tensor: Tensor) -> Layer:
+        """Registers a tensor that enters from outside as an input layer."""
+        entry = self._new_entry(("input", id(tensor), len(self.entries)), "input", "input",
+                                None, tensor, [], ())
+        entry.is_input = True
+        return entry
+
+    def _add_output(self, position: int, tensor: Tensor) -> None:
+        producer = self._producers.get(id(tensor))
+        source = producer[1] if producer is not None and producer[0]() is tensor else self.add_input(tensor)
+        entry = self._new_entry(("output", position), "output", "output", None, tensor,
+                                [source.index], ())
+        entry.is_output = True
+
+    def _on_module_enter(self, module: nn.Module, args: Any) -> None:
+        if threading.get_ident() != self._thread:
+            return
+        address = self._addresses.get(id(module))
+        if address is None:
+            return
+        call = self.module_calls[address] = self.module_calls.get(address, 0) + 1
+        if address:  # the root model is the capture itself, not a level of the stack
+            self._stack += (f"{address}:{call}",)
+            self._stack_addresses += (address,)
+
+    def _on_module_exit(self, module: nn.Module, args: Any, output: Any) -> None:
+        if threading.get_ident() != self._thread:
+            return
+        address = self._addresses.get(id(module))
+        if address is None:
+            return
+        if not address:
+            for position, tensor in enumerate(iter_tensors(output)):
+                self._add_output(position, tensor)
+            return
+        # Normally the top of the stack; after an exception unwound inner modules, deeper.
+        depth = len(self._stack_addresses) - 1
+        while depth >= 0 and self._stack_addresses[depth] != address:
+            depth -= 1
+        if depth < 0:
+            return
+        tag = self._stack[depth]
+        self._stack = self._stack[:depth]
+        self._stack_addresses = self._stack_addresses[:depth]
+        call = int(tag.rpartition(":")[2])
+        keep = self._selection.keep_module_output(address, call)
+        for tensor in iter_tensors(output):
+            producer = self._producers.get(id(tensor))
+            if producer is None or producer[0]() is not tensor:
+                continue
+            entry = producer[1]
+            entry.output_of_modules.append(tag)
+            if keep and entry.tensor_contents is None:
+                self._save(entry, tensor)
+
+    # -- after the capture ------------------------------------------------------------------
+
+    def layer_pass_counts(self) -> dict[int, int]:
+        """Number of passes of each layer, by layer index."""
+        return {layer[1]: layer[2] for layer in self._layers.values()}

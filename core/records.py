@@ -1,0 +1,158 @@
+"""The records a capture produces: one :class:`Layer` per op pass, plus what it refers to.
+
+Records point at each other by label (strings), never by object, so a history is a tree of
+plain objects that reference counting frees as soon as the user drops it.
+"""
+
+from __future__ import annotations
+
+import linecache
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import CodeType
+from typing import Any
+
+import torch
+
+from lens_core._format import format_layer
+
+__all__ = ["FrameInfo", "Layer", "ParamInfo"]
+
+# Files whose frames are plumbing between the caller and the op, not part of its story.
+_PLUMBING_FILES = (os.path.join("torch", "overrides.py"), os.path.dirname(__file__) + os.sep)
+
+
+@dataclass(frozen=True, slots=True)
+class ParamInfo:
+    """A parameter an op used."""
+
+    name: str
+    """Address in the model, e.g. ``features.6.weight``."""
+    shape: tuple[int, ...]
+    numel: int
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class FrameInfo:
+    """One frame of the Python stack an op was called from (TorchLens ``func_call_stack``)."""
+
+    call_fname: str
+    call_linenum: int
+    function: str
+    context_lines: int = 5
+
+    @property
+    def code_context(self) -> list[str]:
+        """Source lines around the call, read from disk only when asked for."""
+        first = max(1, self.call_linenum - self.context_lines)
+        last = self.call_linenum + self.context_lines
+        return [linecache.getline(self.call_fname, n) for n in range(first, last + 1)]
+
+
+def _line_of(code: CodeType, lasti: int) -> int:
+    for start, end, line in code.co_lines():
+        if start <= lasti < end and line is not None:
+            return line
+    return code.co_firstlineno
+
+
+@dataclass(eq=False, slots=True)
+class Layer:
+    """One pass of one tensor-producing operation of a forward pass.
+
+    A layer that runs several times (a loop, a module called twice) has one ``Layer`` per pass,
+    labelled ``linear_1_1:1``, ``linear_1_1:2``, ...; a single-pass layer is just ``conv2d_3_7``.
+    """
+
+    layer_type: str
+    """Type part of the label: ``conv2d``, ``relu``, ``input``, ``output``."""
+    type_index: int
+    """1-based count of this type among layers: the ``3`` in ``conv2d_3_7``."""
+    layer_index: int
+    """0-based position of the (rolled) layer in the model: the ``7`` in ``conv2d_3_7``."""
+    pass_num: int
+    """Which pass of the layer this is, from 1."""
+    index: int
+    """Position of this pass in execution order (what ``history[index]`` returns)."""
+    func_name: str
+    """Name of the torch callable (``conv2d``, ``relu_``, ``__getitem__``), or input/output."""
+    func: Callable[..., Any] | None = field(repr=False)
+    """The torch callable itself (None for inputs and outputs)."""
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    grad_fn_name: str | None
+    """Autograd node that produced the output (``ConvolutionBackward0``), if any."""
+    module_stack: tuple[str, ...]
+    """Modules the op ran inside, outermost first, with their pass: ``("features:1", "features.6:1")``."""
+    params: tuple[ParamInfo, ...]
+    """Parameters passed to the op."""
+    buffers: tuple[str, ...]
+    """Addresses of buffers passed to the op (e.g. BatchNorm running statistics)."""
+    is_input: bool = False
+    is_output: bool = False
+    is_inplace: bool = False
+    """Whether the op wrote its result into one of its inputs (``relu_``, ``x += 1``)."""
+    output_index: int | None = None
+    """Position of the output among the op's outputs, for ops returning several (``split``)."""
+    time_elapsed: float = 0.0
+    """Seconds the op itself took (the recorder's own work excluded)."""
+    tensor_contents: torch.Tensor | None = field(default=None, repr=False)
+    """The output as it was right after the op, if this layer was saved."""
+    label: str = ""
+    """Unique label of this pass: ``conv2d_3_7``, or ``linear_1_1:2`` for a multi-pass layer."""
+    layer_label: str = ""
+    """Label of the layer without the pass: ``linear_1_1``."""
+    num_passes: int = 1
+    parents: list[str] = field(default_factory=list)
+    """Labels of the layers whose outputs this op consumed."""
+    children: list[str] = field(default_factory=list)
+    """Labels of the layers that consumed this op's output."""
+    output_of_modules: list[str] = field(default_factory=list)
+    """Module calls this is the output of, innermost first, with pass: ``["features.6:1"]``."""
+    lookup_keys: tuple[str | int, ...] = ()
+    """Every key that indexes this layer in its history."""
+    parent_indices: list[int] = field(default_factory=list, repr=False)
+    frames: tuple[tuple[CodeType, int], ...] = field(default=(), repr=False)
+    """Raw call stack, innermost first: (code, instruction offset) pairs."""
+
+    @property
+    def module(self) -> str | None:
+        """Address of the innermost module the op ran in (``features.6``), None at top level."""
+        return self.module_stack[-1].rpartition(":")[0] if self.module_stack else None
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the output in bytes."""
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel for p in self.params)
+
+    @property
+    def param_bytes(self) -> int:
+        return sum(p.nbytes for p in self.params)
+
+    @property
+    def param_shapes(self) -> list[tuple[int, ...]]:
+        return [p.shape for p in self.params]
+
+    @property
+    def has_saved_activations(self) -> bool:
+        return self.tensor_contents is not None
+
+    @property
+    def func_call_stack(self) -> list[FrameInfo]:
+        """Where the op was called from, outermost frame first; the last entry calls the op."""
+        stack = []
+        for code, lasti in reversed(self.frames):
+            if not any(part in code.co_filename for part in _PLUMBING_FILES):
+                stack.append(FrameInfo(code.co_filename, _line_of(code, lasti), code.co_name))
+        return stack
+
+    def __str__(self) -> str:
+        return format_layer(self)
