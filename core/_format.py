@@ -32,8 +32,10 @@ def _tensor_preview(tensor: torch.Tensor) -> str:
         return textwrap.indent(str(view), "\t\t") + ("..." if view.numel() < tensor.numel() else "")
 
 
-def format_layer(layer: Layer, num_entries: int | None = None) -> str:
-    total = f"/{num_entries}" if num_entries else ""
+def format_layer(layer: Layer) -> str:
+    # The first lookup key is the negative ordinal, which gives the length of the history.
+    first_key = layer.lookup_keys[0] if layer.lookup_keys else 0
+    total = f"/{layer.index - first_key}" if isinstance(first_key, int) and first_key < 0 else ""
     lines = [f"Layer {layer.label}, operation {layer.index + 1}{total}:"]
     shape = tuple(layer.shape)
     lines.append(f"\tOutput tensor: shape={shape}, dtype={layer.dtype}, size={human_bytes(layer.nbytes)}")

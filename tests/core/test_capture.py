@@ -1,0 +1,269 @@
+"""The capture mechanism: context manager, teardown, errors, in-place safety, observer effect."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules import module as module_globals
+
+import lens_core as lc
+
+
+def assert_nothing_installed() -> None:
+    assert torch._C._len_torch_function_stack() == 0
+    assert not module_globals._global_forward_hooks
+    assert not module_globals._global_forward_pre_hooks
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 8)
+        self.act = nn.ReLU(inplace=True)
+        self.drop = nn.Dropout(0.5)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.drop(self.act(self.fc1(x))))
+
+
+class Boom(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * 2
+        raise ValueError("boom inside the model")
+
+
+@pytest.fixture
+def net() -> Net:
+    torch.manual_seed(0)
+    return Net()
+
+
+def test_context_manager_records_loss_and_model(net: Net) -> None:
+    x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    with lc.capture(net) as cap:
+        loss = F.cross_entropy(net(x), y)
+    history = cap.history
+    labels = history.all_layer_labels
+    assert labels[0] == "input_1_0"
+    assert labels[-1].startswith("crossentropy_1_")
+    assert history[-1].parents[0].startswith("output_1_")
+    assert history.input_layers == ["input_1_0", labels[-2]] or "input_2" in " ".join(labels)
+    assert torch.equal(history[-1].tensor_contents, loss)
+    assert history[-1].tensor_contents is loss  # not mutated, so not copied
+    assert_nothing_installed()
+
+
+def test_history_before_the_end_is_an_error(net: Net) -> None:
+    cap = lc.capture(net)
+    with pytest.raises(lc.CaptureError, match="has not run"):
+        cap.history
+    with cap:
+        with pytest.raises(lc.CaptureError, match="still running"):
+            cap.history
+        net(torch.randn(2, 4))
+
+
+def test_nested_capture_is_refused_and_outer_survives(net: Net) -> None:
+    with lc.capture(net) as outer:
+        with pytest.raises(lc.CaptureError, match="cannot nest"), lc.capture(net):
+            pass
+        net(torch.randn(2, 4))
+    assert len(outer.history) > 0
+    assert_nothing_installed()
+
+
+def test_concurrent_capture_in_another_thread_is_refused(net: Net) -> None:
+    errors: list[BaseException] = []
+
+    def other() -> None:
+        try:
+            with lc.capture(net):
+                pass
+        except lc.CaptureError as error:
+            errors.append(error)
+
+    with lc.capture(net) as cap:
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+        net(torch.randn(2, 4))
+    assert len(errors) == 1
+    assert all(layer.layer_type != "mul" for layer in cap.history)
+
+
+def test_ops_of_other_threads_are_not_recorded(net: Net) -> None:
+    def other() -> None:
+        net(torch.randn(2, 4)) * 3
+
+    with lc.capture(net) as cap:
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+    assert len(cap.history) == 0
+
+
+def test_model_error_propagates_unchanged_and_nothing_leaks() -> None:
+    model = Boom()
+    with pytest.raises(ValueError, match="boom inside the model") as caught:
+        lc.log_forward_pass(model, torch.randn(2))
+    assert caught.value.__traceback__ is not None
+    assert type(caught.value) is ValueError
+    assert_nothing_installed()
+    with pytest.raises(ValueError, match="boom inside the model"), lc.capture(model):
+        model(torch.randn(2))
+    assert_nothing_installed()
+    lc.log_forward_pass(nn.Linear(2, 2), torch.randn(1, 2))  # a new capture starts fine
+
+
+def test_inputs_the_model_rejects_raise_the_models_own_error(net: Net) -> None:
+    bad = torch.randn(2, 5)
+    with pytest.raises(RuntimeError) as plain:
+        net(bad)
+    with pytest.raises(RuntimeError) as captured:
+        lc.log_forward_pass(net, bad)
+    assert str(captured.value) == str(plain.value)
+    assert_nothing_installed()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"model": "resnet"}, TypeError, "model must be a torch.nn.Module, got str"),
+        ({"layers_to_save": 3.5}, TypeError, "layers_to_save=3.5 is not a layer selection"),
+        ({"layers_to_save": [True]}, TypeError, "layers_to_save holds True"),
+        ({"layers_to_save": [""]}, ValueError, "empty string"),
+        ({"input_kwargs": [1]}, TypeError, "input_kwargs must be a dict or None, got list"),
+        ({"vis_opt": "pretty"}, ValueError, "vis_opt='pretty': use 'none', 'unrolled' or 'rolled'"),
+        ({"vis_nesting_depth": 0}, ValueError, "vis_nesting_depth=0: use an int >= 1"),
+        ({"random_seed": "7"}, TypeError, "random_seed must be an int or None, got '7'"),
+        ({"layers_to_save": ["conv2d_1_1"]}, lc.LayerNotFoundError, "matches no layer"),
+        ({"layers_to_save": [99]}, lc.LayerNotFoundError, "layers_to_save=99 matches no layer"),
+        ({"layers_to_save": ["lineer_1_1"]}, lc.LayerNotFoundError, r"closest: linear_1_1"),
+    ],
+)
+def test_bad_arguments_name_the_argument_and_the_fix(
+    net: Net, kwargs: dict[str, object], error: type[Exception], match: str
+) -> None:
+    call: dict[str, object] = {"model": net, "input_args": torch.randn(2, 4), **kwargs}
+    with pytest.raises(error, match=match):
+        lc.log_forward_pass(**call)  # type: ignore[arg-type]
+    assert_nothing_installed()
+
+
+def test_unknown_keys_list_the_closest_names(net: Net) -> None:
+    history = lc.get_model_metadata(net, torch.randn(2, 4))
+    with pytest.raises(lc.LayerNotFoundError, match=r"Closest: .*linear_1_1.*history.all_layer_labels"):
+        history["linaer_1_1"]
+    with pytest.raises(IndexError, match=r"valid: -\d+ to \d+"):
+        history[100]
+    with pytest.raises(TypeError, match="not float"):
+        history[1.0]  # type: ignore[index]
+    assert "fc1" in history and "nope" not in history
+
+
+def test_metadata_saves_nothing_but_lists_every_layer(net: Net) -> None:
+    history = lc.get_model_metadata(net, torch.randn(2, 4))
+    assert history.num_tensors_saved == 0
+    assert history.layer_labels == history.all_layer_labels
+    assert history["fc2"].shape == (2, 3)
+
+
+def test_selection_forms(net: Net) -> None:
+    x = torch.randn(2, 4)
+    history = lc.log_forward_pass(net, x, layers_to_save=["fc1", 2, "drop", lambda layer: layer.is_output])
+    saved = [layer.label for layer in history.saved_layers]
+    assert saved == ["linear_1_1", "relu_1_2", "dropout_1_3", "output_1_5"]
+    assert lc.log_forward_pass(net, x, layers_to_save="linear").layer_labels == ["linear_1_1", "linear_2_4"]
+
+
+def test_inplace_relu_keeps_the_value_before_the_op(net: Net) -> None:
+    x = torch.randn(16, 4)
+    history = lc.log_forward_pass(net, x)
+    linear = history["fc1"].tensor_contents
+    assert torch.equal(linear, net.fc1(x))
+    assert (linear < 0).any()
+    assert torch.equal(history["act"].tensor_contents, net.fc1(x).relu())
+    assert history["act"].is_inplace
+
+
+class ViewMutation(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x * 1
+        row = y[0]
+        row.mul_(10)  # writes into y through a view
+        y += 1
+        return y
+
+
+def test_inplace_through_a_view_and_augmented_assignment() -> None:
+    x = torch.ones(2, 3)
+    history = lc.log_forward_pass(ViewMutation(), x)
+    assert torch.equal(history["mul_1_1"].tensor_contents, torch.ones(2, 3))
+    assert torch.equal(history["getitem_1_2"].tensor_contents, torch.ones(3))
+    assert torch.equal(history["mul_2_3"].tensor_contents, torch.full((3,), 10.0))
+    assert torch.equal(history["add_1_4"].tensor_contents, torch.tensor([[11.0] * 3, [2.0] * 3]))
+    assert torch.equal(history["input_1_0"].tensor_contents, torch.ones(2, 3))
+
+
+def test_capture_changes_nothing(net: Net) -> None:
+    x = torch.randn(8, 4)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+
+    def run(captured: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        net.load_state_dict(state)
+        net.zero_grad()
+        torch.manual_seed(1)
+        if captured:
+            with lc.capture(net):
+                out = net(x)
+        else:
+            out = net(x)
+        out.square().sum().backward()
+        return out, torch.get_rng_state(), [p.grad.clone() for p in net.parameters()]
+
+    plain, captured = run(False), run(True)
+    assert torch.equal(plain[0], captured[0])
+    assert torch.equal(plain[1], captured[1])
+    assert all(torch.equal(a, b) for a, b in zip(plain[2], captured[2], strict=True))
+    assert net.training
+
+
+def test_random_seed_makes_the_pass_repeatable(net: Net) -> None:
+    x = torch.randn(8, 4)
+    first = lc.log_forward_pass(net, x, random_seed=3)
+    second = lc.log_forward_pass(net, x, random_seed=3)
+    assert first.random_seed == 3
+    assert torch.equal(first["drop"].tensor_contents, second["drop"].tensor_contents)
+    assert "Random seed: 3" in str(first)
+
+
+def test_history_is_freed_by_reference_counting(net: Net) -> None:
+    gc.disable()
+    try:
+        history = lc.log_forward_pass(net, torch.randn(2, 4))
+        ref = weakref.ref(history)
+        tensor_ref = weakref.ref(history[1].tensor_contents)  # held by a layer, so freed with it
+        del history
+        assert ref() is None
+        assert tensor_ref() is None
+    finally:
+        gc.enable()
+
+
+def test_func_call_stack_points_at_the_calling_line() -> None:
+    class Functional(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(x)  # the recorded call site
+
+    history = lc.log_forward_pass(Functional(), torch.randn(2))
+    frame = history["tanh_1_1"].func_call_stack[-1]
+    assert frame.call_fname == __file__
+    assert frame.function == "forward"
+    assert "the recorded call site" in "".join(frame.code_context)
