@@ -68,6 +68,11 @@ class Capture:
         random_seed: if given, ``torch.manual_seed(random_seed)`` runs at the start, so the
             pass can be repeated exactly. Without it, the RNG is left alone (its state is
             recorded in ``history.rng_states``).
+        gradients: also record, in each saved layer's ``gradient``, the gradient of the loss
+            with respect to its output when a backward pass (inside the block or after it)
+            reaches it. Backward passes add up, like ``.grad``.
+        grad_scaler: a ``torch.amp.GradScaler`` whose scaled loss is backpropagated; the
+            recorded gradients are divided by its scale, so they are those of the real loss.
     """
 
     def __init__(
@@ -76,12 +81,25 @@ class Capture:
         layers: LayerSpec = "all",
         *,
         random_seed: int | None = None,
+        gradients: bool = False,
+        grad_scaler: Any = None,
         _argument: str = "layers",
+        _keep_calls: bool = False,
     ) -> None:
         self.model = _check_model(model)
         if random_seed is not None and (isinstance(random_seed, bool) or not isinstance(random_seed, int)):
             raise TypeError(f"random_seed must be an int or None, got {random_seed!r}.")
         self.random_seed = random_seed
+        if not isinstance(gradients, bool):
+            raise TypeError(f"gradients must be True or False, got {gradients!r}.")
+        if grad_scaler is not None and not callable(getattr(grad_scaler, "get_scale", None)):
+            raise TypeError(
+                f"grad_scaler must be a torch.amp.GradScaler (something with get_scale()), "
+                f"got {type(grad_scaler).__name__}."
+            )
+        self.gradients = gradients
+        self._unscale = None if grad_scaler is None else grad_scaler.get_scale
+        self._keep_calls = _keep_calls
         self.argument = _argument  # what the user called `layers`, for error messages
         self.selection = Selection(layers, (name for name, _ in model.named_modules()), _argument)
         self._recorder: Recorder | None = None
@@ -119,7 +137,10 @@ class Capture:
             self._rng_states = _rng_states()
             if self.random_seed is not None:
                 torch.manual_seed(self.random_seed)
-            self._recorder = Recorder(self.model, self.selection, stop_frame)
+            self._recorder = Recorder(
+                self.model, self.selection, stop_frame, gradients=self.gradients,
+                unscale=self._unscale, keep_calls=self._keep_calls,
+            )
             self._started_at = perf_counter()
             self._recorder.install()
         except BaseException:
@@ -163,9 +184,8 @@ class Capture:
             self._history = None
 
 
-def capture(model: nn.Module, layers: LayerSpec = "all", *, random_seed: int | None = None) -> Capture:
-    """A :class:`Capture` of ``model`` to use in a ``with`` statement."""
-    return Capture(model, layers, random_seed=random_seed)
+# The lowercase name reads like the other entry points (``with lc.capture(model) as cap``).
+capture = Capture
 
 
 def _build_history(cap: Capture, recorder: Recorder, elapsed: float, strict: bool) -> ModelHistory:
@@ -198,6 +218,9 @@ def _build_history(cap: Capture, recorder: Recorder, elapsed: float, strict: boo
         matched += found
         if not found:
             entry.tensor_contents = None
+            if entry.gradient_slot is not None:
+                entry.gradient_slot.detach()
+                entry.gradient_slot = None
     unmatched = [
         item for item in selection.items
         if not callable(item) and not any(item is m or item == m for m in matched)
@@ -248,6 +271,7 @@ def log_forward_pass(
     vis_outpath: str = "modelgraph",
     vis_fileformat: str = "pdf",
     random_seed: int | None = None,
+    save_gradients: bool = False,
 ) -> ModelHistory:
     """Runs ``model`` once and returns the :class:`ModelHistory` of every op it ran.
 
@@ -265,6 +289,8 @@ def log_forward_pass(
         vis_outpath: where the rendered graph goes (without extension).
         vis_fileformat: graphviz output format (``pdf``, ``png``, ``svg``...).
         random_seed: seed set before the pass (see :class:`Capture`).
+        save_gradients: record the gradient of each saved layer when a backward pass runs
+            later, from the output or from any saved layer (``history.backward(label)``).
 
     Raises:
         LayerNotFoundError: an item of ``layers_to_save`` matched no layer.
@@ -281,7 +307,10 @@ def log_forward_pass(
         )
     args = _as_args(input_args)
     kwargs = dict(input_kwargs or {})
-    cap = Capture(model, layers_to_save, random_seed=random_seed, _argument="layers_to_save")
+    cap = Capture(
+        model, layers_to_save, random_seed=random_seed, gradients=save_gradients,
+        _argument="layers_to_save",
+    )
     cap.start(stop_frame=sys._getframe(0))
     try:
         for tensor in iter_tensors((args, kwargs)):

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from lens_core._format import format_history
 from lens_core.errors import LayerNotFoundError
 from lens_core.records import Layer
@@ -114,6 +116,24 @@ class ModelHistory:
 
     def __str__(self) -> str:
         return format_history(self)
+
+    def backward(self, key: str | int, gradient: torch.Tensor | None = None) -> None:
+        """Backpropagates from any saved layer, filling in ``gradient`` of the layers before it.
+
+        Args:
+            key: any key of the layer (label, module address, ordinal).
+            gradient: gradient of the output to start from; ones (the gradient of its sum)
+                by default.
+        """
+        layer = self[key]
+        tensor = layer.tensor_contents
+        if tensor is None or not tensor.requires_grad:
+            why = "was not saved" if tensor is None else "does not require grad"
+            raise ValueError(
+                f"history.backward({key!r}): the output of {layer.label} {why}. Save it "
+                "(layers_to_save) with save_gradients=True, from a pass with grad enabled."
+            )
+        torch.autograd.backward(tensor, torch.ones_like(tensor) if gradient is None else gradient)
 
     # -- model-level facts ---------------------------------------------------------------------
 

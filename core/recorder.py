@@ -29,7 +29,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from lens_core._ops import MUTATES_NOTHING, OpInfo, describe
-from lens_core.records import Layer, ParamInfo
+from lens_core.gradients import GradientSlot
+from lens_core.records import CallRecord, Layer, ParamInfo, ParentRef
 from lens_core.selection import Selection
 
 # Per-callable facts, shared by all captures: torch callables live as long as the process.
@@ -66,9 +67,19 @@ class Recorder(TorchFunctionMode):
     """Records the ops and module calls of one capture into :attr:`entries`."""
 
     def __init__(
-        self, model: nn.Module, selection: Selection, stop_frame: FrameType | None
+        self,
+        model: nn.Module,
+        selection: Selection,
+        stop_frame: FrameType | None,
+        *,
+        gradients: bool = False,
+        unscale: Callable[[], float] | None = None,
+        keep_calls: bool = False,
     ) -> None:
         super().__init__()
+        self._gradients = gradients
+        self._unscale = unscale
+        self._keep_calls = keep_calls
         self.entries: list[Layer] = []
         self.module_calls: dict[str, int] = {}
         self._selection = selection
@@ -170,13 +181,20 @@ class Recorder(TorchFunctionMode):
         parents: list[int] = []
         params: list[ParamInfo] = []
         buffers: list[str] = []
-        for arg in (*args, *kwargs.values()) if kwargs else args:
-            if isinstance(arg, Tensor):
-                self._classify_arg(arg, parents, params, buffers)
-            elif type(arg) is list or type(arg) is tuple:
-                for item in arg:
-                    if isinstance(item, Tensor):
-                        self._classify_arg(item, parents, params, buffers)
+        call = None
+        if self._keep_calls:
+            call = CallRecord(
+                tuple(self._call_template(a, parents, params, buffers) for a in args),
+                {k: self._call_template(v, parents, params, buffers) for k, v in kwargs.items()},
+            )
+        else:
+            for arg in (*args, *kwargs.values()) if kwargs else args:
+                if isinstance(arg, Tensor):
+                    self._classify_arg(arg, parents, params, buffers)
+                elif type(arg) is list or type(arg) is tuple:
+                    for item in arg:
+                        if isinstance(item, Tensor):
+                            self._classify_arg(item, parents, params, buffers)
 
         frames, site = self._call_stack()
         if params:  # an op using the same parameters again is another pass of the same layer
@@ -193,15 +211,17 @@ class Recorder(TorchFunctionMode):
             entry.is_inplace = inplace
             entry.output_index = out_index
             entry.time_elapsed = elapsed
+            entry.call = call
 
     def _classify_arg(
         self, tensor: Tensor, parents: list[int], params: list[ParamInfo], buffers: list[str]
-    ) -> None:
+    ) -> int | None:
+        """Notes a tensor argument as parameter, buffer or parent; returns the parent's index."""
         tid = id(tensor)
         param = self._params.get(tid)
         if param is not None:
             params.append(param)
-            return
+            return None
         buffer = self._buffers.get(tid)
         if buffer is not None:
             buffers.append(buffer)
@@ -210,6 +230,23 @@ class Recorder(TorchFunctionMode):
             parents.append(producer[1].index)
         elif buffer is None:  # a tensor from outside the capture: it enters as an input
             parents.append(self.add_input(tensor).index)
+        else:
+            return None
+        return parents[-1]
+
+    def _call_template(
+        self, arg: Any, parents: list[int], params: list[ParamInfo], buffers: list[str]
+    ) -> Any:
+        """``arg`` with parent outputs replaced by references (one level into lists/tuples)."""
+        if isinstance(arg, Tensor):
+            parent = self._classify_arg(arg, parents, params, buffers)
+            if parent is not None:
+                return ParentRef(parent)
+            # a buffer can change later (running statistics): keep its value as of now
+            return arg.detach().clone() if id(arg) in self._buffers else arg
+        if type(arg) is list or type(arg) is tuple:
+            return type(arg)(self._call_template(a, parents, params, buffers) for a in arg)
+        return arg
 
     def _call_stack(self) -> tuple[tuple[tuple[CodeType, int], ...], tuple[int, ...]]:
         """The frames between the op and the capture, and a hashable key of that code path."""
@@ -270,6 +307,9 @@ class Recorder(TorchFunctionMode):
 
     def _save(self, entry: Layer, tensor: Tensor) -> None:
         entry.tensor_contents = tensor
+        if self._gradients and tensor.requires_grad:
+            entry.gradient_slot = GradientSlot(self._unscale)
+            entry.gradient_slot.attach(tensor)
         key = _storage_key(tensor)
         if key is not None:
             self._saved_by_storage.setdefault(key, []).append(entry)

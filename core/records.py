@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from lens_core._format import format_layer
+from lens_core.gradients import GradientSlot
 
-__all__ = ["FrameInfo", "Layer", "ParamInfo"]
+__all__ = ["CallRecord", "FrameInfo", "Layer", "ParamInfo", "ParentRef"]
 
 # Files whose frames are plumbing between the caller and the op, not part of its story.
 _PLUMBING_FILES = (os.path.join("torch", "overrides.py"), os.path.dirname(__file__) + os.sep)
@@ -57,6 +58,25 @@ def _line_of(code: CodeType, lasti: int) -> int:
         if start <= lasti < end and line is not None:
             return line
     return code.co_firstlineno
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    """The arguments of one op with every tensor from a parent layer replaced by a reference.
+
+    ``args``/``kwargs`` hold :class:`ParentRef` where a parent's output went, and the objects
+    themselves elsewhere (parameters, copies of buffers as they were, non-tensor values).
+    """
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ParentRef:
+    """Stands for the output of the layer at ``index`` in a :class:`CallRecord`."""
+
+    index: int
 
 
 @dataclass(eq=False, slots=True)
@@ -118,6 +138,18 @@ class Layer:
     parent_indices: list[int] = field(default_factory=list, repr=False)
     frames: tuple[tuple[CodeType, int], ...] = field(default=(), repr=False)
     """Raw call stack, innermost first: (code, instruction offset) pairs."""
+    gradient_slot: GradientSlot | None = field(default=None, repr=False)
+    call: CallRecord | None = field(default=None, repr=False)
+    """How the op was called, kept for replay (``validate_model_activations``)."""
+
+    @property
+    def gradient(self) -> torch.Tensor | None:
+        """Gradient of the loss with respect to this output, once a backward pass reached it.
+
+        Only for layers captured with gradients on whose output required grad. Backward passes
+        through the same output add up (like ``.grad``).
+        """
+        return None if self.gradient_slot is None else self.gradient_slot.value
 
     @property
     def module(self) -> str | None:

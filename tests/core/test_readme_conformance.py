@@ -105,5 +105,5 @@ def test_simple_recurrent_passes() -> None:
     assert torch.equal(layer.tensor_contents, expected)
     assert history.is_recurrent
     assert history.max_passes == 4
-    with pytest.raises(lc.LayerNotFoundError, match="ambiguous.*linear_1_1:1"):
+    with pytest.raises(lc.LayerNotFoundError, match=r"ambiguous.*linear_1_1:1"):
         history["linear_1_1"]
