@@ -8,18 +8,28 @@ from lens_core.capture import Capture, capture, get_model_metadata, log_forward_
 from lens_core.errors import CaptureError, LayerNotFoundError, LensError
 from lens_core.history import ModelHistory
 from lens_core.records import FrameInfo, Layer, ParamInfo
+from lens_core.validation import (
+    LayerCheck,
+    ValidationReport,
+    validate_model_activations,
+    validation_report,
+)
 
 __all__ = [
     "Capture",
     "CaptureError",
     "FrameInfo",
     "Layer",
+    "LayerCheck",
     "LayerNotFoundError",
     "LensError",
     "ModelHistory",
     "ParamInfo",
+    "ValidationReport",
     "capture",
     "get_model_metadata",
     "log_forward_pass",
+    "validate_model_activations",
+    "validation_report",
 ]
 __version__ = "0.1.0"

@@ -9,6 +9,8 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 # Reflected and augmented dunders name the same operation as the plain one.
 _DUNDER_ALIASES = {
     f"__{prefix}{op}__": op
@@ -86,3 +88,20 @@ def describe(func: Callable[..., Any]) -> OpInfo:
     else:
         mutates = _inplace_flag_position(func)
     return OpInfo(func_name, _type_name(func_name), mutates)
+
+
+def write_through_view(
+    base: torch.Tensor,
+    view_value: torch.Tensor,
+    size: tuple[int, ...],
+    stride: tuple[int, ...],
+    offset: int,
+) -> torch.Tensor:
+    """``base`` after ``view_value`` was written into its view at (size, stride, offset).
+
+    The function of the layers that stand for a base tensor changed through a view, so that a
+    replay can recompute the base's new value from its old value and what was written.
+    """
+    out = base.clone()
+    out.as_strided(size, stride, out.storage_offset() + offset).copy_(view_value)
+    return out

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lens_core._rng import get_rng_states
 from lens_core.errors import CaptureError, LayerNotFoundError
 from lens_core.history import ModelHistory
 from lens_core.recorder import Recorder, iter_tensors
@@ -37,14 +38,6 @@ def _check_model(model: Any) -> nn.Module:
             "Wrap a plain function in an nn.Module whose forward calls it."
         )
     return model
-
-
-def _rng_states() -> dict[str, Any]:
-    states: dict[str, Any] = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
-        for index, state in enumerate(torch.cuda.get_rng_state_all()):
-            states[f"cuda:{index}"] = state
-    return states
 
 
 class Capture:
@@ -134,7 +127,7 @@ class Capture:
             _active = self
         try:
             self._history = None
-            self._rng_states = _rng_states()
+            self._rng_states = get_rng_states()
             if self.random_seed is not None:
                 torch.manual_seed(self.random_seed)
             self._recorder = Recorder(
@@ -255,7 +248,8 @@ def _build_history(cap: Capture, recorder: Recorder, elapsed: float, strict: boo
     )
 
 
-def _as_args(input_args: Any) -> tuple[Any, ...]:
+def as_args(input_args: Any) -> tuple[Any, ...]:
+    """TorchLens convention: a list or tuple holds the positional arguments, anything else is one."""
     if isinstance(input_args, (list, tuple)):
         return tuple(input_args)
     return (input_args,)
@@ -305,21 +299,28 @@ def log_forward_pass(
         raise NotImplementedError(
             f"vis_opt={vis_opt!r}: graph rendering is not built yet (issue #4); use vis_opt='none'."
         )
-    args = _as_args(input_args)
-    kwargs = dict(input_kwargs or {})
     cap = Capture(
         model, layers_to_save, random_seed=random_seed, gradients=save_gradients,
         _argument="layers_to_save",
     )
+    return run_forward(cap, input_args, input_kwargs)[0]
+
+
+def run_forward(
+    cap: Capture, input_args: Any, input_kwargs: Mapping[str, Any] | None
+) -> tuple[ModelHistory, Any]:
+    """Runs ``cap.model`` once on the inputs under ``cap``; returns the history and the output."""
+    args = as_args(input_args)
+    kwargs = dict(input_kwargs or {})
     cap.start(stop_frame=sys._getframe(0))
     try:
         for tensor in iter_tensors((args, kwargs)):
             cap.recorder.add_input(tensor)
-        model(*args, **kwargs)
+        output = cap.model(*args, **kwargs)
     except BaseException:
         cap.stop(strict=False)
         raise
-    return cap.stop()
+    return cap.stop(), output
 
 
 def get_model_metadata(

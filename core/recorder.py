@@ -12,6 +12,7 @@ overwritten in place.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import threading
 import weakref
@@ -28,7 +29,7 @@ from torch.nn.modules.module import (
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from lens_core._ops import MUTATES_NOTHING, OpInfo, describe
+from lens_core._ops import MUTATES_NOTHING, OpInfo, describe, write_through_view
 from lens_core.gradients import GradientSlot
 from lens_core.records import CallRecord, Layer, ParamInfo, ParentRef
 from lens_core.selection import Selection
@@ -42,7 +43,7 @@ _RecurrenceKey = tuple[Any, ...]
 
 
 def iter_tensors(obj: Any, depth: int = 0) -> Iterator[Tensor]:
-    """Tensors inside a (nested) tuple, list, dict or dataclass-like output, in order."""
+    """Tensors inside a (nested) tuple, list, dict or dataclass output, in order."""
     if isinstance(obj, Tensor):
         yield obj
     elif depth < 8:
@@ -50,6 +51,8 @@ def iter_tensors(obj: Any, depth: int = 0) -> Iterator[Tensor]:
             items: Any = obj
         elif isinstance(obj, dict):
             items = obj.values()
+        elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            items = (getattr(obj, f.name) for f in dataclasses.fields(obj))
         else:
             return
         for item in items:
@@ -80,6 +83,7 @@ class Recorder(TorchFunctionMode):
         self._gradients = gradients
         self._unscale = unscale
         self._keep_calls = keep_calls
+        self._buffers_before: dict[int, Tensor] = {}
         self.entries: list[Layer] = []
         self.module_calls: dict[str, int] = {}
         self._selection = selection
@@ -101,6 +105,7 @@ class Recorder(TorchFunctionMode):
         self.saved_versions: dict[int, int] = {}  # entry index -> tensor version when saved
         self._stack: tuple[str, ...] = ()  # "address:pass" of the modules we are inside
         self._stack_addresses: tuple[str, ...] = ()
+        self._root_depth = 0
         self._handles: list[RemovableHandle] = []
 
     # -- installation -----------------------------------------------------------------------
@@ -146,17 +151,21 @@ class Recorder(TorchFunctionMode):
             mutated = info.mutated_tensor(args, kwargs)
             if mutated is not None and self._saved_by_storage:
                 self._copy_before_write(mutated)
+        if self._keep_calls:  # buffers as the op finds them (it may update them, like BatchNorm)
+            self._buffers_before = {
+                id(t): t.detach().clone() for t in iter_tensors((args, kwargs)) if id(t) in self._buffers
+            }
         start = perf_counter()
         out = func(*args, **kwargs)
         elapsed = perf_counter() - start
         if isinstance(out, Tensor):
-            self._record(func, info, args, kwargs, ((None, out),), elapsed, mutated is not None)
+            self._record(func, info, args, kwargs, ((None, out),), elapsed, mutated)
         elif isinstance(out, (tuple, list)):
             outputs = tuple((i, o) for i, o in enumerate(out) if isinstance(o, Tensor))
             if outputs:
-                self._record(func, info, args, kwargs, outputs, elapsed, mutated is not None)
+                self._record(func, info, args, kwargs, outputs, elapsed, mutated)
         elif out is None and isinstance(mutated, Tensor):  # x[i] = y returns nothing, changes x
-            self._record(func, info, args, kwargs, ((None, mutated),), elapsed, True)
+            self._record(func, info, args, kwargs, ((None, mutated),), elapsed, mutated)
         return out
 
     def _copy_before_write(self, mutated: Any) -> None:
@@ -176,7 +185,7 @@ class Recorder(TorchFunctionMode):
         kwargs: dict[str, Any],
         outputs: tuple[tuple[int | None, Tensor], ...],
         elapsed: float,
-        inplace: bool,
+        mutated: Any,
     ) -> None:
         parents: list[int] = []
         params: list[ParamInfo] = []
@@ -208,10 +217,34 @@ class Recorder(TorchFunctionMode):
             )
             entry.params = tuple(params)
             entry.buffers = tuple(buffers)
-            entry.is_inplace = inplace
+            entry.is_inplace = mutated is not None
             entry.output_index = out_index
             entry.time_elapsed = elapsed
             entry.call = call
+        if mutated is not None:
+            self._record_writes_through_views(mutated, entry, site, frames)
+
+    def _record_writes_through_views(
+        self, mutated: Any, writer: Layer, site: tuple[int, ...], frames: tuple[tuple[CodeType, int], ...]
+    ) -> None:
+        """Gives a base tensor written through one of its views (``x[0].mul_(2)``) a new layer.
+
+        Later ops that read the base then read this layer, which holds the base's new value.
+        """
+        for view in iter_tensors(mutated):
+            base = view._base
+            producer = None if base is None else self._producers.get(id(base))
+            if base is None or producer is None or producer[0]() is not base:
+                continue
+            before = producer[1]
+            geometry = (tuple(view.shape), view.stride(), view.storage_offset() - base.storage_offset())
+            entry = self._new_entry(
+                (write_through_view, self._stack_addresses, site), "viewwrite", "write_through_view",
+                write_through_view, base, [before.index, writer.index], frames,
+            )
+            entry.is_inplace = True
+            if self._keep_calls:
+                entry.call = CallRecord((ParentRef(before.index), ParentRef(writer.index), *geometry), {})
 
     def _classify_arg(
         self, tensor: Tensor, parents: list[int], params: list[ParamInfo], buffers: list[str]
@@ -242,8 +275,7 @@ class Recorder(TorchFunctionMode):
             parent = self._classify_arg(arg, parents, params, buffers)
             if parent is not None:
                 return ParentRef(parent)
-            # a buffer can change later (running statistics): keep its value as of now
-            return arg.detach().clone() if id(arg) in self._buffers else arg
+            return self._buffers_before.get(id(arg), arg)
         if type(arg) is list or type(arg) is tuple:
             return type(arg)(self._call_template(a, parents, params, buffers) for a in arg)
         return arg
@@ -274,7 +306,9 @@ class Recorder(TorchFunctionMode):
         out: Tensor,
         parents: list[int],
         frames: tuple[tuple[CodeType, int], ...],
+        produces: bool = True,
     ) -> Layer:
+        """A new entry for ``out``; ``produces`` makes it what later reads of ``out`` depend on."""
         layer = self._layers.get(key)
         if layer is None:
             type_index = self._type_counts[type_name] = self._type_counts.get(type_name, 0) + 1
@@ -300,7 +334,8 @@ class Recorder(TorchFunctionMode):
             frames=frames,
         )
         self.entries.append(entry)
-        self._producers[id(out)] = (weakref.ref(out), entry)
+        if produces:
+            self._producers[id(out)] = (weakref.ref(out), entry)
         if self._selection.keep_at_op(entry):
             self._save(entry, out)
         return entry
@@ -328,7 +363,7 @@ class Recorder(TorchFunctionMode):
         producer = self._producers.get(id(tensor))
         source = producer[1] if producer is not None and producer[0]() is tensor else self.add_input(tensor)
         entry = self._new_entry(("output", position), "output", "output", None, tensor,
-                                [source.index], ())
+                                [source.index], (), produces=False)
         entry.is_output = True
 
     def _on_module_enter(self, module: nn.Module, args: Any) -> None:
@@ -338,9 +373,11 @@ class Recorder(TorchFunctionMode):
         if address is None:
             return
         call = self.module_calls[address] = self.module_calls.get(address, 0) + 1
-        if address:  # the root model is the capture itself, not a level of the stack
+        if address:
             self._stack += (f"{address}:{call}",)
             self._stack_addresses += (address,)
+        else:  # the root model is the capture itself, not a level of the stack
+            self._root_depth += 1
 
     def _on_module_exit(self, module: nn.Module, args: Any, output: Any) -> None:
         if threading.get_ident() != self._thread:
@@ -349,8 +386,10 @@ class Recorder(TorchFunctionMode):
         if address is None:
             return
         if not address:
-            for position, tensor in enumerate(iter_tensors(output)):
-                self._add_output(position, tensor)
+            self._root_depth -= 1
+            if self._root_depth == 0:  # a model that calls itself returns once, at the top
+                for position, tensor in enumerate(iter_tensors(output)):
+                    self._add_output(position, tensor)
             return
         # Normally the top of the stack; after an exception unwound inner modules, deeper.
         depth = len(self._stack_addresses) - 1
@@ -368,6 +407,8 @@ class Recorder(TorchFunctionMode):
             if producer is None or producer[0]() is not tensor:
                 continue
             entry = producer[1]
+            if tag in entry.output_of_modules:  # the same tensor returned twice
+                continue
             entry.output_of_modules.append(tag)
             if keep and entry.tensor_contents is None:
                 self._save(entry, tensor)

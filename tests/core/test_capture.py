@@ -53,7 +53,9 @@ def test_context_manager_records_loss_and_model(net: Net) -> None:
     labels = history.all_layer_labels
     assert labels[0] == "input_1_0"
     assert labels[-1].startswith("crossentropy_1_")
-    assert history[-1].parents[0].startswith("output_1_")
+    # the loss reads the model's real last op; the output layer is a leaf, as in TorchLens
+    assert history[-1].parents[0] == history["fc2"].label
+    assert history.output_layers == [labels[-3]]
     target = history[history.input_layers[1]]
     assert target.layer_type == "input"
     assert target.children == [labels[-1]]
@@ -212,7 +214,12 @@ def test_inplace_through_a_view_and_augmented_assignment() -> None:
     assert torch.equal(history["mul_1_1"].tensor_contents, torch.ones(2, 3))
     assert torch.equal(history["getitem_1_2"].tensor_contents, torch.ones(3))
     assert torch.equal(history["mul_2_3"].tensor_contents, torch.full((3,), 10.0))
-    assert torch.equal(history["add_1_4"].tensor_contents, torch.tensor([[11.0] * 3, [2.0] * 3]))
+    # y changed through its view: a layer stands for its new value, and y's readers read it
+    written = history["viewwrite_1_4"]
+    assert written.parents == ["mul_1_1", "mul_2_3"]
+    assert torch.equal(written.tensor_contents, torch.tensor([[10.0] * 3, [1.0] * 3]))
+    assert history["add_1_5"].parents == ["viewwrite_1_4"]
+    assert torch.equal(history["add_1_5"].tensor_contents, torch.tensor([[11.0] * 3, [2.0] * 3]))
     assert torch.equal(history["input_1_0"].tensor_contents, torch.ones(2, 3))
 
 
