@@ -20,7 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as module_globals
-from toy_models import (
+
+import lens_core
+from lens_core import LayerNotFoundError, ModelHistory
+from tests.core.toy_models import (
     CASES,
     CASES_BY_NAME,
     PARAM_FREE_STEPS,
@@ -30,9 +33,6 @@ from toy_models import (
     data_dependent_steps,
     randn,
 )
-
-import lens_core
-from lens_core import LayerNotFoundError, ModelHistory
 
 SEED = 0
 
