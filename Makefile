@@ -7,7 +7,11 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install demo test zoo bench lint clean
+# Debian packages the project needs: dot (graph rendering). Installed when missing and root.
+DEBIAN_PACKAGES ?= graphviz
+DEBIAN_COMMANDS ?= dot
+
+.PHONY: install system-deps demo test zoo bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,7 +21,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -c "import torch, torchvision, lens_core, lens_callbacks"
 	touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed system-deps
+
+system-deps:
+	@missing=""; for c in $(DEBIAN_COMMANDS); do command -v $$c >/dev/null || missing="$$missing $$c"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBIAN_PACKAGES) >/dev/null; \
+		else echo "missing:$$missing; install the Debian packages: sudo apt-get install $(DEBIAN_PACKAGES)"; fi; \
+	fi
 
 demo: install
 	$(PY) examples/quickstart.py

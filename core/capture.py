@@ -23,6 +23,7 @@ from lens_core._rng import get_rng_states
 from lens_core.errors import CaptureError, LayerNotFoundError
 from lens_core.history import ModelHistory
 from lens_core.recorder import Recorder, iter_tensors
+from lens_core.records import ModelIndex
 from lens_core.selection import LayerSpec, Selection
 
 __all__ = ["Capture", "capture", "get_model_metadata", "log_forward_pass"]
@@ -131,7 +132,7 @@ class Capture:
             if self.random_seed is not None:
                 torch.manual_seed(self.random_seed)
             self._recorder = Recorder(
-                self.model, self.selection, stop_frame, gradients=self.gradients,
+                ModelIndex.of(self.model), self.selection, stop_frame, gradients=self.gradients,
                 unscale=self._unscale, keep_calls=self._keep_calls,
             )
             self._started_at = perf_counter()
@@ -188,10 +189,14 @@ def _build_history(cap: Capture, recorder: Recorder, elapsed: float, strict: boo
         entry.num_passes = passes[entry.layer_index]
         entry.layer_label = f"{entry.layer_type}_{entry.type_index}_{entry.layer_index}"
         entry.label = entry.layer_label + (f":{entry.pass_num}" if entry.num_passes > 1 else "")
+    children: list[list[str]] = [[] for _ in entries]
     for entry in entries:
-        entry.parents = [entries[i].label for i in dict.fromkeys(entry.parent_indices)]
-        for parent in dict.fromkeys(entry.parent_indices):
-            entries[parent].children.append(entry.label)
+        parents = dict.fromkeys(entry.parent_indices)
+        entry.parents = tuple(entries[i].label for i in parents)
+        for parent in parents:
+            children[parent].append(entry.label)
+    for entry, labels in zip(entries, children, strict=True):
+        entry.children = tuple(labels)
 
     selection = cap.selection
     matched: list[Any] = []
@@ -228,20 +233,20 @@ def _build_history(cap: Capture, recorder: Recorder, elapsed: float, strict: boo
             "lens_core.get_model_metadata(model, x) shows them without saving anything)."
         )
 
-    model = cap.model
+    index = recorder.index
     if selection.everything or selection.is_empty:
         listed = [e.label for e in entries]
     else:
         listed = [e.label for e in entries if e.tensor_contents is not None]
     return ModelHistory(
-        model_name=type(model).__name__,
+        model_name=type(cap.model).__name__,
         layer_list=entries,
         layer_labels=listed,
-        module_addresses=[name for name, _ in model.named_modules() if name],
-        module_types={name: type(m).__name__ for name, m in model.named_modules() if name},
+        module_addresses=list(index.module_types),
+        module_types=index.module_types,
         module_calls={k: v for k, v in recorder.module_calls.items() if k},
-        total_params=sum(p.numel() for p in model.parameters()),
-        total_param_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+        total_params=sum(p.numel for p in index.params.values()),
+        total_param_bytes=sum(p.nbytes for p in index.params.values()),
         random_seed=cap.random_seed,
         rng_states=cap._rng_states,
         elapsed_time=elapsed,

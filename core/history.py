@@ -48,33 +48,29 @@ class ModelHistory:
     rng_states: dict[str, Any] = field(repr=False)
     """RNG states (``cpu``, ``cuda:N``) at the start of the capture, to replay random ops."""
     elapsed_time: float
-    _lookup: dict[str | int, Layer | list[str]] = field(init=False, repr=False)
+    _lookup: dict[str, Layer | list[str]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._lookup = {}
-        count = len(self.layer_list)
-        candidates = []
+        # Every string key with the layers it names; a key naming one layer indexes it.
+        named: dict[str, list[Layer]] = {}
         for layer in self.layer_list:
-            keys: list[str | int] = [layer.index - count, layer.index, layer.label]
-            keys.append(f"{layer.layer_label}:{layer.pass_num}")
-            for tag in reversed(layer.output_of_modules):  # outermost module first
-                keys += [tag.rpartition(":")[0], tag]
             short = f"{layer.layer_type}_{layer.type_index}"
-            for key in [*keys, short, f"{short}:{layer.pass_num}", layer.layer_label]:
-                self._add_key(key, layer)
-            candidates.append(keys)
-        for layer, keys in zip(self.layer_list, candidates, strict=True):
-            unique = (key for key in keys if self._lookup[key] is layer)
-            layer.lookup_keys = tuple(dict.fromkeys(unique))
-
-    def _add_key(self, key: str | int, layer: Layer) -> None:
-        known = self._lookup.get(key)
-        if known is None or known is layer:
-            self._lookup[key] = layer
-        elif isinstance(known, Layer):  # a key shared by several layers names none of them
-            self._lookup[key] = [known.label, layer.label]
-        else:
-            known.append(layer.label)
+            keys = [layer.label, f"{layer.layer_label}:{layer.pass_num}", layer.layer_label,
+                    short, f"{short}:{layer.pass_num}"]
+            for tag in layer.output_of_modules:
+                keys += (tag, tag.rpartition(":")[0])
+            for key in keys:
+                same = named.setdefault(key, [])
+                if not same or same[-1] is not layer:
+                    same.append(layer)
+        self._lookup = {k: v[0] if len(v) == 1 else [x.label for x in v] for k, v in named.items()}
+        count = len(self.layer_list)
+        for layer in self.layer_list:
+            keys = [layer.label, f"{layer.layer_label}:{layer.pass_num}"]
+            for tag in reversed(layer.output_of_modules):  # outermost module first
+                keys += (tag.rpartition(":")[0], tag)
+            unique = [key for key in dict.fromkeys(keys) if self._lookup[key] is layer]
+            layer.lookup_keys = (layer.index - count, layer.index, *unique)
 
     # -- indexing ------------------------------------------------------------------------------
 
@@ -84,21 +80,22 @@ class ModelHistory:
                 f"history[{key!r}]: index with a layer label, module address or int ordinal, "
                 f"not {type(key).__name__}."
             )
-        found = self._lookup.get(key)
-        if isinstance(found, Layer):
-            return found
         if isinstance(key, int):
+            if -len(self) <= key < len(self):
+                return self.layer_list[key]
             raise IndexError(
                 f"history[{key}]: ordinal out of range; this history has {len(self)} layers "
                 f"(valid: {-len(self)} to {len(self) - 1})."
             )
+        found = self._lookup.get(key)
+        if isinstance(found, Layer):
+            return found
         if found is not None:
             raise LayerNotFoundError(
                 f"history[{key!r}] is ambiguous: it names {len(found)} layers "
                 f"({', '.join(found)}). Index one of them, e.g. history[{found[0]!r}]."
             )
-        names = [k for k in self._lookup if isinstance(k, str)]
-        close = difflib.get_close_matches(key, names, n=5, cutoff=0.5)
+        close = difflib.get_close_matches(key, list(self._lookup), n=5, cutoff=0.5)
         hint = f" Closest: {', '.join(close)}." if close else ""
         raise LayerNotFoundError(
             f"history[{key!r}]: no layer or module has that name.{hint} All layers are in "
@@ -106,7 +103,9 @@ class ModelHistory:
         )
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(self._lookup.get(key), Layer)  # type: ignore[call-overload]
+        if isinstance(key, int) and not isinstance(key, bool):
+            return -len(self) <= key < len(self)
+        return isinstance(key, str) and isinstance(self._lookup.get(key), Layer)
 
     def __len__(self) -> int:
         return len(self.layer_list)

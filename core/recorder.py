@@ -31,7 +31,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lens_core._ops import MUTATES_NOTHING, OpInfo, describe, write_through_view
 from lens_core.gradients import GradientSlot
-from lens_core.records import CallRecord, Layer, ParamInfo, ParentRef
+from lens_core.records import CallRecord, Layer, ModelIndex, ParamInfo, ParentRef
 from lens_core.selection import Selection
 
 # Per-callable facts, shared by all captures: torch callables live as long as the process.
@@ -71,7 +71,7 @@ class Recorder(TorchFunctionMode):
 
     def __init__(
         self,
-        model: nn.Module,
+        index: ModelIndex,
         selection: Selection,
         stop_frame: FrameType | None,
         *,
@@ -87,14 +87,13 @@ class Recorder(TorchFunctionMode):
         self.entries: list[Layer] = []
         self.module_calls: dict[str, int] = {}
         self._selection = selection
+        self._save_all = selection.everything
         self._stop_frame = stop_frame
         self._thread = threading.get_ident()
-        self._addresses = {id(m): name for name, m in model.named_modules()}
-        self._params = {
-            id(p): ParamInfo(name, tuple(p.shape), p.numel(), p.numel() * p.element_size())
-            for name, p in model.named_parameters()
-        }
-        self._buffers = {id(b): name for name, b in model.named_buffers()}
+        self.index = index
+        self._addresses = index.modules
+        self._params = index.params
+        self._buffers = index.buffers
         # id(tensor) -> (weak reference, entry that produced it); the weak reference tells a live
         # tensor from a new one that reuses a dead one's id.
         self._producers: dict[int, tuple[weakref.ref[Tensor], Layer]] = {}
@@ -207,16 +206,15 @@ class Recorder(TorchFunctionMode):
 
         frames, site = self._call_stack()
         if params:  # an op using the same parameters again is another pass of the same layer
-            key_base: tuple[Any, ...] = (func, tuple(p.name for p in params))
+            key_base: tuple[Any, ...] = (func, tuple([p.name for p in params]))
         else:  # a parameter-free op is one when it runs again from the same code path
             key_base = (func, self._stack_addresses, site)
+        params_used, buffers_used = tuple(params), tuple(buffers)
         for out_index, out in outputs:
             entry = self._new_entry(
-                (*key_base, out_index), info.type_name, info.func_name, func, out,
-                parents, frames,
+                (*key_base, out_index), info.type_name, info.func_name, func, out, parents, frames,
+                params_used, buffers_used,
             )
-            entry.params = tuple(params)
-            entry.buffers = tuple(buffers)
             entry.is_inplace = mutated is not None
             entry.output_index = out_index
             entry.time_elapsed = elapsed
@@ -306,6 +304,8 @@ class Recorder(TorchFunctionMode):
         out: Tensor,
         parents: list[int],
         frames: tuple[tuple[CodeType, int], ...],
+        params: tuple[ParamInfo, ...] = (),
+        buffers: tuple[str, ...] = (),
         produces: bool = True,
     ) -> Layer:
         """A new entry for ``out``; ``produces`` makes it what later reads of ``out`` depend on."""
@@ -316,27 +316,15 @@ class Recorder(TorchFunctionMode):
         layer[2] += 1
         grad_fn = out.grad_fn
         entry = Layer(
-            layer_type=type_name,
-            type_index=layer[0],
-            layer_index=layer[1],
-            pass_num=layer[2],
-            index=len(self.entries),
-            func_name=func_name,
-            func=func,
-            shape=tuple(out.shape),
-            dtype=out.dtype,
-            device=out.device,
-            grad_fn_name=None if grad_fn is None else type(grad_fn).__name__,
-            module_stack=self._stack,
-            params=(),
-            buffers=(),
-            parent_indices=parents,
-            frames=frames,
+            type_name, layer[0], layer[1], layer[2], len(self.entries), func_name, func,
+            tuple(out.shape), out.dtype, out.device,
+            None if grad_fn is None else type(grad_fn).__name__,
+            self._stack, params, buffers, parents, frames,
         )
         self.entries.append(entry)
         if produces:
             self._producers[id(out)] = (weakref.ref(out), entry)
-        if self._selection.keep_at_op(entry):
+        if self._save_all or self._selection.keep_at_op(entry):
             self._save(entry, out)
         return entry
 
@@ -409,7 +397,7 @@ class Recorder(TorchFunctionMode):
             entry = producer[1]
             if tag in entry.output_of_modules:  # the same tensor returned twice
                 continue
-            entry.output_of_modules.append(tag)
+            entry.output_of_modules += (tag,)
             if keep and entry.tensor_contents is None:
                 self._save(entry, tensor)
 

@@ -19,7 +19,7 @@ import torch
 from lens_core._format import format_layer
 from lens_core.gradients import GradientSlot
 
-__all__ = ["CallRecord", "FrameInfo", "Layer", "ParamInfo", "ParentRef"]
+__all__ = ["CallRecord", "FrameInfo", "Layer", "ModelIndex", "ParamInfo", "ParentRef"]
 
 # Files whose frames are plumbing between the caller and the op, not part of its story.
 _PLUMBING_FILES = (os.path.join("torch", "overrides.py"), os.path.dirname(__file__) + os.sep)
@@ -34,6 +34,29 @@ class ParamInfo:
     shape: tuple[int, ...]
     numel: int
     nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelIndex:
+    """The names of a model's modules, parameters and buffers, looked up by object id."""
+
+    modules: dict[int, str]
+    """id(module) -> address (``""`` for the model itself)."""
+    module_types: dict[str, str]
+    """Address -> class name, for every submodule."""
+    params: dict[int, ParamInfo]
+    buffers: dict[int, str]
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> ModelIndex:
+        modules = {id(m): name for name, m in model.named_modules()}
+        types = {name: type(m).__name__ for name, m in model.named_modules() if name}
+        params = {
+            id(p): ParamInfo(name, tuple(p.shape), p.numel(), p.numel() * p.element_size())
+            for name, p in model.named_parameters()
+        }
+        buffers = {id(b): name for name, b in model.named_buffers()}
+        return cls(modules, types, params, buffers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +135,9 @@ class Layer:
     """Parameters passed to the op."""
     buffers: tuple[str, ...]
     """Addresses of buffers passed to the op (e.g. BatchNorm running statistics)."""
+    parent_indices: list[int] = field(repr=False)
+    frames: tuple[tuple[CodeType, int], ...] = field(repr=False)
+    """Raw call stack, innermost first: (code, instruction offset) pairs."""
     is_input: bool = False
     is_output: bool = False
     is_inplace: bool = False
@@ -127,17 +153,14 @@ class Layer:
     layer_label: str = ""
     """Label of the layer without the pass: ``linear_1_1``."""
     num_passes: int = 1
-    parents: list[str] = field(default_factory=list)
+    parents: tuple[str, ...] = ()
     """Labels of the layers whose outputs this op consumed."""
-    children: list[str] = field(default_factory=list)
+    children: tuple[str, ...] = ()
     """Labels of the layers that consumed this op's output."""
-    output_of_modules: list[str] = field(default_factory=list)
-    """Module calls this is the output of, innermost first, with pass: ``["features.6:1"]``."""
+    output_of_modules: tuple[str, ...] = ()
+    """Module calls this is the output of, innermost first, with pass: ``("features.6:1",)``."""
     lookup_keys: tuple[str | int, ...] = ()
     """Every key that indexes this layer in its history."""
-    parent_indices: list[int] = field(default_factory=list, repr=False)
-    frames: tuple[tuple[CodeType, int], ...] = field(default=(), repr=False)
-    """Raw call stack, innermost first: (code, instruction offset) pairs."""
     gradient_slot: GradientSlot | None = field(default=None, repr=False)
     call: CallRecord | None = field(default=None, repr=False)
     """How the op was called, kept for replay (``validate_model_activations``)."""

@@ -58,7 +58,7 @@ def test_context_manager_records_loss_and_model(net: Net) -> None:
     assert history.output_layers == [labels[-3]]
     target = history[history.input_layers[1]]
     assert target.layer_type == "input"
-    assert target.children == [labels[-1]]
+    assert target.children == (labels[-1],)
     assert torch.equal(target.tensor_contents, y)
     assert torch.equal(history[-1].tensor_contents, loss)
     assert history[-1].tensor_contents is loss  # not mutated, so not copied
@@ -216,9 +216,9 @@ def test_inplace_through_a_view_and_augmented_assignment() -> None:
     assert torch.equal(history["mul_2_3"].tensor_contents, torch.full((3,), 10.0))
     # y changed through its view: a layer stands for its new value, and y's readers read it
     written = history["viewwrite_1_4"]
-    assert written.parents == ["mul_1_1", "mul_2_3"]
+    assert written.parents == ("mul_1_1", "mul_2_3")
     assert torch.equal(written.tensor_contents, torch.tensor([[10.0] * 3, [1.0] * 3]))
-    assert history["add_1_5"].parents == ["viewwrite_1_4"]
+    assert history["add_1_5"].parents == ("viewwrite_1_4",)
     assert torch.equal(history["add_1_5"].tensor_contents, torch.tensor([[11.0] * 3, [2.0] * 3]))
     assert torch.equal(history["input_1_0"].tensor_contents, torch.ones(2, 3))
 

@@ -64,8 +64,8 @@ def test_alexnet_equivalent_keys(alexnet: nn.Module, image: torch.Tensor) -> Non
         assert history[key] is layer, key
     assert layer.lookup_keys == (-17, 7, "conv2d_3_7", "conv2d_3_7:1", "features.6", "features.6:1")
     assert layer.shape == (1, 384, 13, 13)
-    assert layer.parents == ["maxpool2d_2_6"]
-    assert layer.children == ["relu_3_8"]
+    assert layer.parents == ("maxpool2d_2_6",)
+    assert layer.children == ("relu_3_8",)
     assert layer.module == "features.6"
     assert layer.grad_fn_name == "ConvolutionBackward0"
     assert sorted(layer.param_shapes) == [(384,), (384, 192, 3, 3)]

@@ -472,7 +472,7 @@ def test_module_called_twice_has_one_key_per_call() -> None:
     assert (first.layer_type, second.layer_type) == ("linear", "linear")
     assert (first.pass_num, second.pass_num) == (1, 2)
     assert first.layer_label == second.layer_label
-    assert second.parents == [first.label]
+    assert second.parents == (first.label,)
     assert history.module_calls == {"fc": 2}
     assert torch.equal(first.tensor_contents, model.fc(x))
     assert torch.equal(second.tensor_contents, model.fc(model.fc(x)))
@@ -483,13 +483,13 @@ def test_param_free_module_called_at_two_places() -> None:
     _, history, _ = _logged("param_free_module_reused")
     assert history.module_calls == {"fc1": 1, "fc2": 1, "act": 2}
     assert history["act:1"].func_name == history["act:2"].func_name == "relu"
-    assert history["act:2"].parents == [history["fc2"].label]
+    assert history["act:2"].parents == (history["fc2"].label,)
 
 
 def test_shared_submodule_is_one_module_called_twice() -> None:
     _, history, _ = _logged("shared_submodule")
     assert history.module_calls == {"a": 2}
-    assert history["a:2"].parents == [history["a:1"].label]
+    assert history["a:2"].parents == (history["a:1"].label,)
 
 
 def test_nested_modules_stack_and_addresses() -> None:
@@ -497,9 +497,9 @@ def test_nested_modules_stack_and_addresses() -> None:
     fc = history["outer.mid.inner.fc"]
     assert fc.module_stack == ("outer:1", "outer.mid:1", "outer.mid.inner:1", "outer.mid.inner.fc:1")
     assert fc.module == "outer.mid.inner.fc"
-    assert fc.output_of_modules == [
-        "outer.mid.inner.fc:1", "outer.mid.inner:1", "outer.mid:1", "outer:1"
-    ]
+    assert fc.output_of_modules == (
+        "outer.mid.inner.fc:1", "outer.mid.inner:1", "outer.mid:1", "outer:1",
+    )
     for address in ("outer", "outer.mid", "outer.mid.inner"):
         assert history[address] is fc
     relu = _only_layer(history, "relu")
@@ -526,7 +526,7 @@ def test_inplace_relu_method_keeps_the_negative_linear_output() -> None:
     assert torch.equal(lin.tensor_contents, expected), "the linear output was saved after relu_"
     relu = _only_layer(history, "relu_")
     assert relu.is_inplace
-    assert relu.parents == [lin.label]
+    assert relu.parents == (lin.label,)
     assert torch.equal(relu.tensor_contents, expected.clamp(min=0))
 
 
@@ -546,7 +546,7 @@ def test_inplace_iadd_keeps_the_value_before_the_add() -> None:
     assert torch.equal(history["lin"].tensor_contents, expected)
     iadd = _only_layer(history, "add_")  # torch hands ``y += 1`` to the mode as add_
     assert iadd.is_inplace
-    assert iadd.parents == [history["lin"].label]
+    assert iadd.parents == (history["lin"].label,)
     assert torch.equal(iadd.tensor_contents, expected + 1)
 
 
@@ -560,7 +560,7 @@ def test_inplace_method_chain_keeps_every_step() -> None:
     assert mul.is_inplace
     assert torch.equal(add.tensor_contents, expected + x)
     assert torch.equal(mul.tensor_contents, (expected + x) * 2)
-    assert mul.parents == [add.label]
+    assert mul.parents == (add.label,)
 
 
 def test_inplace_setitem_keeps_the_value_before_the_write() -> None:
@@ -600,7 +600,7 @@ def test_split_gives_one_layer_per_piece() -> None:
     assert len({p.label for p in pieces}) == 3
     fc = history["fc"]
     for piece, expected in zip(pieces, torch.split(model.fc(x), 2, dim=1), strict=True):
-        assert piece.parents == [fc.label]
+        assert piece.parents == (fc.label,)
         assert piece.shape == (2, 2)
         assert torch.equal(piece.tensor_contents, expected)
     assert sorted(fc.children) == sorted(p.label for p in pieces)
@@ -618,7 +618,7 @@ def test_returns_input_is_an_input_and_an_output() -> None:
     _, history, (x,) = _logged("returns_input")
     assert [layer.layer_type for layer in history.layer_list] == ["input", "output"]
     inp, out = history.layer_list
-    assert out.parents == [inp.label]
+    assert out.parents == (inp.label,)
     assert torch.equal(out.tensor_contents, x)
 
 
@@ -626,10 +626,10 @@ def test_identity_module_output_is_the_input_layer() -> None:
     _, history, (x,) = _logged("identity_module")
     inp = history[0]
     assert inp.is_input
-    assert inp.output_of_modules == ["ident:1"]
+    assert inp.output_of_modules == ("ident:1",)
     assert history["ident"] is inp
     assert torch.equal(inp.tensor_contents, x)
-    assert history["fc"].parents == [inp.label]
+    assert history["fc"].parents == (inp.label,)
 
 
 def test_tensors_created_in_forward_are_not_inputs() -> None:
@@ -640,7 +640,7 @@ def test_tensors_created_in_forward_are_not_inputs() -> None:
         assert not layer.parents
         assert not layer.is_input
     assert torch.equal(_only_layer(history, "arange").tensor_contents, torch.arange(4))
-    assert _only_layer(history, "ones_like").parents == [history[0].label]
+    assert _only_layer(history, "ones_like").parents == (history[0].label,)
 
 
 def test_weight_tying_names_one_parameter() -> None:
@@ -700,10 +700,10 @@ def test_recursive_submodule_nests_its_calls() -> None:
     assert history.module_calls == {"rec": 3, "rec.fc": 3}
     deepest = history["rec.fc:3"]
     assert deepest.module_stack == ("rec:1", "rec:2", "rec:3", "rec.fc:3")
-    assert deepest.output_of_modules == ["rec.fc:3"]
+    assert deepest.output_of_modules == ("rec.fc:3",)
     tanh = history["rec:3"]
     assert tanh.func_name == "tanh"
-    assert tanh.output_of_modules == ["rec:3", "rec:2", "rec:1"]
+    assert tanh.output_of_modules == ("rec:3", "rec:2", "rec:1",)
 
 
 def test_out_kwarg_is_an_inplace_write() -> None:
