@@ -237,7 +237,7 @@ def _build_history(cap: Capture, recorder: Recorder, elapsed: float, strict: boo
     if selection.everything or selection.is_empty:
         listed = [e.label for e in entries]
     else:
-        listed = [e.label for e in entries if e.tensor_contents is not None]
+        listed = [e.label for e in entries if e.has_saved_activations]
     return ModelHistory(
         model_name=type(cap.model).__name__,
         layer_list=entries,

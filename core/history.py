@@ -150,7 +150,7 @@ class ModelHistory:
 
     @property
     def saved_layers(self) -> list[Layer]:
-        return [layer for layer in self.layer_list if layer.tensor_contents is not None]
+        return [layer for layer in self.layer_list if layer.has_saved_activations]
 
     @property
     def num_tensors_saved(self) -> int:

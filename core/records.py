@@ -146,8 +146,10 @@ class Layer:
     """Position of the output among the op's outputs, for ops returning several (``split``)."""
     time_elapsed: float = 0.0
     """Seconds the op itself took (the recorder's own work excluded)."""
-    tensor_contents: torch.Tensor | None = field(default=None, repr=False)
-    """The output as it was right after the op, if this layer was saved."""
+    saved_tensor: torch.Tensor | None = field(default=None, repr=False)
+    """The saved output, if held in memory (see :attr:`tensor_contents`)."""
+    tensor_source: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
+    """Loads the saved output on first use (histories loaded from disk)."""
     label: str = ""
     """Unique label of this pass: ``conv2d_3_7``, or ``linear_1_1:2`` for a multi-pass layer."""
     layer_label: str = ""
@@ -197,8 +199,22 @@ class Layer:
         return [p.shape for p in self.params]
 
     @property
+    def tensor_contents(self) -> torch.Tensor | None:
+        """The output as it was right after the op, if this layer was saved."""
+        if self.saved_tensor is None and self.tensor_source is not None:
+            self.saved_tensor = self.tensor_source()
+            self.tensor_source = None
+        return self.saved_tensor
+
+    @tensor_contents.setter
+    def tensor_contents(self, value: torch.Tensor | None) -> None:
+        self.saved_tensor = value
+        self.tensor_source = None
+
+    @property
     def has_saved_activations(self) -> bool:
-        return self.tensor_contents is not None
+        """Whether the output was saved (without loading it, for histories from disk)."""
+        return self.saved_tensor is not None or self.tensor_source is not None
 
     @property
     def func_call_stack(self) -> list[FrameInfo]:
