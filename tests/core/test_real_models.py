@@ -32,9 +32,8 @@ def _classifier(name: str, training: bool = False) -> tuple[nn.Module, torch.Ten
         options["init_weights"] = False  # scipy's truncated normal is slow and irrelevant here
     if name == "inception_v3":
         size = 299 if training else 75  # the auxiliary head, used in training, needs 299
-    if name.startswith("vit"):
-        options["image_size"] = 32
-        size = 32
+    if name.startswith("vit"):  # vit_b_16: patch 16; two patches a side keep it small
+        size = options["image_size"] = 2 * int(name.rsplit("_", 1)[1])
     if name.startswith("maxvit"):
         size = 224
     torch.manual_seed(0)
