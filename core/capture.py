@@ -110,6 +110,11 @@ class Capture:
         return self._history
 
     @property
+    def active(self) -> bool:
+        """Whether the capture is recording now (between start and stop)."""
+        return self._recorder is not None
+
+    @property
     def recorder(self) -> Recorder:
         if self._recorder is None:
             raise CaptureError("The capture is not active: call start() or enter the with block.")

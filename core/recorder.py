@@ -40,6 +40,8 @@ _OP_INFO: dict[Callable[..., Any], OpInfo] = {}
 _MAX_FRAMES = 64
 
 _RecurrenceKey = tuple[Any, ...]
+# A piece of call stack: (code, instruction offset) pairs, innermost first, and the same as ids.
+_Segment = tuple[tuple[tuple[CodeType, int], ...], tuple[int, ...]]
 
 
 def iter_tensors(obj: Any, depth: int = 0) -> Iterator[Tensor]:
@@ -88,7 +90,6 @@ class Recorder(TorchFunctionMode):
         self.module_calls: dict[str, int] = {}
         self._selection = selection
         self._save_all = selection.everything
-        self._stop_frame = stop_frame
         self._thread = threading.get_ident()
         self.index = index
         self._addresses = index.modules
@@ -105,6 +106,10 @@ class Recorder(TorchFunctionMode):
         self._stack: tuple[str, ...] = ()  # "address:pass" of the modules we are inside
         self._stack_addresses: tuple[str, ...] = ()
         self._root_depth = 0
+        # Frames where the module calls we are inside began, with the stack outside each.
+        self._boundaries: list[tuple[FrameType | None, tuple[tuple[CodeType, int], ...], tuple[int, ...]]] = [
+            (stop_frame, (), ())
+        ]
         self._handles: list[RemovableHandle] = []
 
     # -- installation -----------------------------------------------------------------------
@@ -130,6 +135,7 @@ class Recorder(TorchFunctionMode):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._boundaries = [(None, (), ())]  # hold no frame of the caller's after the capture
 
     # -- ops ----------------------------------------------------------------------------------
 
@@ -278,22 +284,31 @@ class Recorder(TorchFunctionMode):
             return type(arg)(self._call_template(a, parents, params, buffers) for a in arg)
         return arg
 
-    def _call_stack(self) -> tuple[tuple[tuple[CodeType, int], ...], tuple[int, ...]]:
+    def _call_stack(self) -> _Segment:
         """The frames between the op and the capture, and a hashable key of that code path."""
+        return self._segment(sys._getframe(3))  # skip _call_stack, _record and __torch_function__
+
+    def _segment(self, frame: FrameType | None) -> _Segment:
+        """Frames from ``frame`` outwards to the capture's own frame, innermost first.
+
+        Walking the whole stack for every op is the recorder's biggest cost, so each module call
+        remembers the part of the stack outside it (those frames are suspended, so it does not
+        change during the call) and an op only walks up to its innermost module call.
+        """
+        boundary, outer_frames, outer_site = self._boundaries[-1]
         frames: list[tuple[CodeType, int]] = []
         site: list[int] = []
-        frame: FrameType | None = sys._getframe(3)  # skip _call_stack, _record and __torch_function__
-        stop = self._stop_frame
-        while frame is not None and len(frames) < _MAX_FRAMES:
-            code = frame.f_code
-            lasti = frame.f_lasti
+        while frame is not None and frame is not boundary and len(frames) < _MAX_FRAMES:
+            code, lasti = frame.f_code, frame.f_lasti
             frames.append((code, lasti))
-            site.append(id(code))
-            site.append(lasti)
-            if frame is stop:
-                break
+            site += (id(code), lasti)
             frame = frame.f_back
-        return tuple(frames), tuple(site)
+        if frame is None or frame is not boundary:
+            return tuple(frames), tuple(site)
+        if not outer_frames:  # the capture's own frame moves on between ops: read it now
+            code, lasti = frame.f_code, frame.f_lasti
+            return (*frames, (code, lasti)), (*site, id(code), lasti)
+        return (*frames, *outer_frames), (*site, *outer_site)
 
     def _new_entry(
         self,
@@ -361,6 +376,8 @@ class Recorder(TorchFunctionMode):
         if address is None:
             return
         call = self.module_calls[address] = self.module_calls.get(address, 0) + 1
+        caller = sys._getframe(1)  # the module's __call__, which called this hook
+        self._boundaries.append((caller, *self._segment(caller)))
         if address:
             self._stack += (f"{address}:{call}",)
             self._stack_addresses += (address,)
@@ -373,6 +390,10 @@ class Recorder(TorchFunctionMode):
         address = self._addresses.get(id(module))
         if address is None:
             return
+        for depth in range(len(self._boundaries) - 1, 0, -1):
+            if self._boundaries[depth][0] is sys._getframe(1):
+                del self._boundaries[depth:]
+                break
         if not address:
             self._root_depth -= 1
             if self._root_depth == 0:  # a model that calls itself returns once, at the top
