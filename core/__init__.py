@@ -8,6 +8,8 @@ from lens_core.capture import Capture, capture, get_model_metadata, log_forward_
 from lens_core.errors import CaptureError, LayerNotFoundError, LensError
 from lens_core.history import ModelHistory
 from lens_core.records import FrameInfo, Layer, ParamInfo
+from lens_core.store import CaptureFormatError, load, load_extra, load_summaries, save
+from lens_core.summaries import Histogram, TensorSummary, summarize
 from lens_core.validation import (
     LayerCheck,
     ValidationReport,
@@ -18,17 +20,25 @@ from lens_core.validation import (
 __all__ = [
     "Capture",
     "CaptureError",
+    "CaptureFormatError",
     "FrameInfo",
+    "Histogram",
     "Layer",
     "LayerCheck",
     "LayerNotFoundError",
     "LensError",
     "ModelHistory",
     "ParamInfo",
+    "TensorSummary",
     "ValidationReport",
     "capture",
     "get_model_metadata",
+    "load",
+    "load_extra",
+    "load_summaries",
     "log_forward_pass",
+    "save",
+    "summarize",
     "validate_model_activations",
     "validation_report",
 ]

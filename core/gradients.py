@@ -24,15 +24,43 @@ class GradientSlot:
     Args:
         unscale: returns the loss scale to divide by (a ``GradScaler``'s ``get_scale``), so the
             stored gradient is that of the unscaled loss; None stores gradients as they arrive.
+        source: loads a gradient stored earlier, on first read of :attr:`value` (histories
+            read from disk keep gradients on disk until asked for).
+        count: how many backward passes the stored gradient adds up.
     """
 
-    __slots__ = ("count", "handle", "unscale", "value")
+    __slots__ = ("_source", "_value", "count", "handle", "unscale")
 
-    def __init__(self, unscale: Callable[[], float] | None = None) -> None:
-        self.value: torch.Tensor | None = None
-        self.count = 0
+    def __init__(
+        self,
+        unscale: Callable[[], float] | None = None,
+        *,
+        source: Callable[[], torch.Tensor] | None = None,
+        count: int = 0,
+    ) -> None:
+        self._value: torch.Tensor | None = None
+        self._source = source
+        self.count = count
         self.unscale = unscale
         self.handle: RemovableHandle | None = None
+
+    @property
+    def value(self) -> torch.Tensor | None:
+        """The gradient received so far (loaded from ``source`` the first time it is read)."""
+        if self._value is None and self._source is not None:
+            self._value = self._source()
+            self._source = None
+        return self._value
+
+    @value.setter
+    def value(self, tensor: torch.Tensor | None) -> None:
+        self._value = tensor
+        self._source = None
+
+    @property
+    def has_value(self) -> bool:
+        """Whether a gradient arrived (or is stored), without loading a stored one."""
+        return self._value is not None or self._source is not None
 
     def attach(self, tensor: torch.Tensor) -> None:
         """Starts receiving gradients of ``tensor``."""

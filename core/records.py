@@ -163,6 +163,8 @@ class Layer:
     """Module calls this is the output of, innermost first, with pass: ``("features.6:1",)``."""
     lookup_keys: tuple[str | int, ...] = ()
     """Every key that indexes this layer in its history."""
+    stored_call_stack: tuple[FrameInfo, ...] | None = field(default=None, repr=False)
+    """Call stack of a layer loaded from disk (which has no code objects in ``frames``)."""
     gradient_slot: GradientSlot | None = field(default=None, repr=False)
     call: CallRecord | None = field(default=None, repr=False)
     """How the op was called, kept for replay (``validate_model_activations``)."""
@@ -219,6 +221,8 @@ class Layer:
     @property
     def func_call_stack(self) -> list[FrameInfo]:
         """Where the op was called from, outermost frame first; the last entry calls the op."""
+        if self.stored_call_stack is not None:
+            return list(self.stored_call_stack)
         stack = []
         for code, lasti in reversed(self.frames):
             if not any(part in code.co_filename for part in _PLUMBING_FILES):

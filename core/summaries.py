@@ -1,0 +1,275 @@
+"""Statistics and histograms of many tensors, with one device-to-host transfer for all of them.
+
+A training callback summarises every selected activation and gradient at a captured step.
+Reading each number with ``.item()`` would stall the accelerator once per number; instead every
+statistic, histogram edge and bin count stays a device tensor until they are packed into one
+byte buffer and copied to the host with a single ``.cpu()`` (one per device the tensors live on).
+
+Histograms are exact: the edges come from the on-device minimum and maximum of the finite
+values, and each value is binned with ``searchsorted`` against those very edges, so the counts
+are what ``numpy.histogram(values, bins=edges)`` gives. ``torch.histc`` is not used: it needs
+its range on the host (a sync per tensor) and bins with its own arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["Histogram", "TensorSummary", "summarize"]
+
+# Integer results per tensor, before the bin counts.
+_INT_STATS = ("nan_count", "inf_count", "zero_count")
+# Float results per tensor, before the bin edges.
+_FLOAT_STATS = ("mean", "std", "mean_abs", "l2_norm", "min", "max")
+# Elements binned per step: bounds the int64 bin indices of a huge tensor to 32 MB at a time.
+_CHUNK = 1 << 22
+
+
+@dataclass(frozen=True, slots=True)
+class Histogram:
+    """Counts of values in equal-width bins, the layout TensorBoard and W&B histograms take."""
+
+    edges: tuple[float, ...]
+    """``bins + 1`` increasing bin edges from the minimum to the maximum finite value (empty
+    when there is no finite value). Bin ``i`` is ``[edges[i], edges[i + 1])``; the last bin
+    also holds its right edge, as in ``numpy.histogram``."""
+    counts: tuple[int, ...]
+    """Number of finite values in each bin (empty when there is no finite value)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSummary:
+    """Summary statistics and histogram of one tensor.
+
+    Every statistic except ``numel``, ``nan_count`` and ``inf_count`` is over the finite values
+    only, so one overflow does not turn the whole summary into NaN. With no finite value (an
+    empty tensor, or one of only NaN/Inf) the averages and extremes are NaN, ``l2_norm`` is 0
+    (an empty sum) and the histogram is empty.
+
+    Integer and bool tensors are summarised as float32, float64 tensors in float64, the other
+    floating types (bf16, fp16, fp8) in float32.
+    """
+
+    numel: int
+    mean: float
+    std: float
+    """Population standard deviation (``correction=0``): defined for a single value too."""
+    min: float
+    max: float
+    mean_abs: float
+    l2_norm: float
+    zero_fraction: float
+    """Fraction of the finite values that are exactly zero (sparsity of a ReLU output)."""
+    nan_count: int
+    inf_count: int
+    """Number of ``+inf`` and ``-inf`` values."""
+    histogram: Histogram
+
+    @property
+    def finite_count(self) -> int:
+        """Number of finite values: what the statistics and the histogram are computed over."""
+        return self.numel - self.nan_count - self.inf_count
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (strict JSON: NaN and infinities are written as strings)."""
+        data: dict[str, Any] = {"numel": self.numel}
+        for name in ("mean", "std", "min", "max", "mean_abs", "l2_norm", "zero_fraction"):
+            data[name] = _encode(getattr(self, name))
+        data["nan_count"] = self.nan_count
+        data["inf_count"] = self.inf_count
+        data["histogram"] = {
+            "edges": [_encode(edge) for edge in self.histogram.edges],
+            "counts": list(self.histogram.counts),
+        }
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TensorSummary:
+        """Rebuilds a summary from :meth:`to_dict`'s output.
+
+        Raises:
+            ValueError: ``data`` lacks a field or holds a value of the wrong type.
+        """
+        try:
+            histogram = data["histogram"]
+            return cls(
+                numel=_int(data["numel"]),
+                mean=_decode(data["mean"]),
+                std=_decode(data["std"]),
+                min=_decode(data["min"]),
+                max=_decode(data["max"]),
+                mean_abs=_decode(data["mean_abs"]),
+                l2_norm=_decode(data["l2_norm"]),
+                zero_fraction=_decode(data["zero_fraction"]),
+                nan_count=_int(data["nan_count"]),
+                inf_count=_int(data["inf_count"]),
+                histogram=Histogram(
+                    tuple(_decode(edge) for edge in histogram["edges"]),
+                    tuple(_int(count) for count in histogram["counts"]),
+                ),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(
+                f"TensorSummary.from_dict: {type(error).__name__}: {error}. Pass a dict made by "
+                "TensorSummary.to_dict()."
+            ) from None
+
+
+def _encode(value: float) -> float | str:
+    return value if math.isfinite(value) else str(value)  # "nan", "inf", "-inf"
+
+
+def _decode(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(f"expected a number, got {value!r}")
+    return float(value)
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an int, got {value!r}")
+    return value
+
+
+def summarize(tensors: Mapping[str, torch.Tensor], bins: int = 64) -> dict[str, TensorSummary]:
+    """Summarises every tensor of ``tensors``, reading the results back in one transfer.
+
+    Use it at a captured step on all the activations and gradients at once: the work runs on
+    the tensors' device and the host waits once, not once per tensor or per statistic.
+
+    Args:
+        tensors: name -> dense real tensor (any shape, dtype, device; ``requires_grad`` is
+            fine, nothing is recorded by autograd).
+        bins: number of histogram bins.
+
+    Returns:
+        name -> :class:`TensorSummary`, in the order of ``tensors``.
+
+    Raises:
+        TypeError: a value is not a tensor, or is complex.
+        ValueError: ``bins`` is not a positive int.
+
+    Example::
+
+        summaries = summarize({"conv1": layer.tensor_contents, "grad/conv1": layer.gradient})
+        summaries["conv1"].histogram.counts
+    """
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+        raise ValueError(f"bins={bins!r}: use an int >= 1 (64 is the default).")
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"tensors must be a mapping of name -> tensor, got {type(tensors).__name__}.")
+    by_device: dict[torch.device, list[str]] = {}
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"tensors[{name!r}] is a {type(tensor).__name__}, not a torch.Tensor.")
+        if tensor.is_complex():
+            raise TypeError(
+                f"tensors[{name!r}] is complex ({tensor.dtype}); summarise a real view of it, "
+                "e.g. tensor.abs() or torch.view_as_real(tensor)."
+            )
+        if tensor.numel():
+            by_device.setdefault(tensor.device, []).append(name)
+    found: dict[str, TensorSummary] = {}
+    with torch.no_grad():
+        for device, names in by_device.items():
+            wide = _wide_dtype(device)
+            packed = _pack([tensors[name] for name in names], bins, wide)
+            host = packed.cpu()  # the one transfer (and the one wait) for this device
+            sizes = [tensors[name].numel() for name in names]
+            found.update(zip(names, _unpack(host, sizes, bins, wide), strict=True))
+    return {name: found[name] if name in found else _no_finite_values(0, 0, 0) for name in tensors}
+
+
+def _wide_dtype(device: torch.device) -> torch.dtype:
+    """Dtype the results travel in: float64, except where the device has none (Apple MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _pack(tensors: list[torch.Tensor], bins: int, wide: torch.dtype) -> torch.Tensor:
+    """Every tensor's results in one uint8 device tensor: all int64 rows, then all float rows."""
+    int_rows, float_rows = zip(*(_device_stats(t, bins, wide) for t in tensors), strict=True)
+    ints = torch.stack(int_rows).reshape(-1)  # (tensors * (3 + bins),) int64
+    floats = torch.stack(float_rows).reshape(-1)  # (tensors * (6 + bins + 1),) wide
+    # int64 first: its byte length is a multiple of 8, so the floats stay aligned for .view()
+    return torch.cat((ints.view(torch.uint8), floats.view(torch.uint8)))
+
+
+def _device_stats(tensor: torch.Tensor, bins: int, wide: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The statistics of one non-empty tensor as two device vectors, with no host sync."""
+    compute = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    x = tensor.detach().reshape(-1).to(compute)
+    finite = torch.isfinite(x)
+    count = finite.sum()
+    nans = torch.isnan(x).sum()
+    infs = x.numel() - count - nans
+    zeros = (x == 0).sum()
+    any_finite = count > 0
+    low = torch.where(any_finite, torch.where(finite, x, math.inf).amin(), 0)
+    high = torch.where(any_finite, torch.where(finite, x, -math.inf).amax(), 0)
+    # Sums run over values divided by the largest magnitude, so sums of squares of values
+    # near the dtype's maximum (a diverging bf16 run) stay finite; `wide` takes the scale back.
+    peak = torch.maximum(low.abs(), high.abs())
+    scale = torch.where(peak > 0, peak, 1)
+    scaled = torch.where(finite, x, 0) / scale
+    mean = scaled.sum() / count  # NaN when nothing is finite; the host replaces it
+    std = (torch.where(finite, scaled - mean, 0).square().sum() / count).sqrt()
+    mean_abs = scaled.abs().sum() / count
+    l2_norm = torch.linalg.vector_norm(scaled)
+    moments = torch.stack((mean, std, mean_abs, l2_norm)).to(wide) * scale.to(wide)
+    edges = _edges(low, high, bins)
+    # Bin `bins` collects the non-finite values and is dropped.
+    counts = torch.zeros(bins + 1, dtype=torch.int64, device=x.device)
+    ones = torch.ones((), dtype=torch.int64, device=x.device).expand(min(x.numel(), _CHUNK))
+    for part, drop in zip(torch.split(x, _CHUNK), torch.split(~finite, _CHUNK), strict=True):
+        # Last edge <= value, by comparison with the edges themselves: exact at every edge.
+        index = torch.searchsorted(edges, part, right=True)
+        index.sub_(1).clamp_(0, bins - 1).masked_fill_(drop, bins)
+        counts.scatter_add_(0, index, ones[: index.numel()])
+    ints = torch.cat((torch.stack((nans, infs, zeros)), counts[:bins]))
+    floats = torch.cat((moments, torch.stack((low, high)).to(wide), edges.to(wide)))
+    return ints, floats
+
+
+def _edges(low: torch.Tensor, high: torch.Tensor, bins: int) -> torch.Tensor:
+    """``bins + 1`` non-decreasing edges from ``low`` to ``high``, computed on their device."""
+    same = low == high  # one distinct value: a unit-wide range around it, as numpy does
+    low = torch.where(same, low - 0.5, low)
+    high = torch.where(same, high + 0.5, high)
+    step = torch.arange(bins + 1, dtype=low.dtype, device=low.device) / bins
+    # low * (1 - t) + high * t cannot overflow where high - low would (range near dtype max);
+    # clamping and cummax keep the rounded edges inside the range and in order.
+    inner = torch.minimum(torch.maximum(low * (1 - step) + high * step, low), high)[1:-1]
+    edges = torch.cat((low.reshape(1), inner, high.reshape(1)))
+    return torch.cummax(edges, 0).values
+
+
+def _unpack(host: torch.Tensor, sizes: list[int], bins: int, wide: torch.dtype) -> Iterator[TensorSummary]:
+    int_width, float_width = len(_INT_STATS) + bins, len(_FLOAT_STATS) + bins + 1
+    split = len(sizes) * int_width * 8
+    ints = host[:split].view(torch.int64).tolist()
+    floats = host[split:].view(wide).tolist()
+    for row, numel in enumerate(sizes):
+        nans, infs, zeros, *counts = ints[row * int_width:(row + 1) * int_width]
+        mean, std, mean_abs, l2_norm, low, high, *edges = floats[row * float_width:(row + 1) * float_width]
+        finite = numel - nans - infs
+        if finite == 0:
+            yield _no_finite_values(numel, nans, infs)
+            continue
+        yield TensorSummary(
+            numel=numel, mean=mean, std=std, min=low, max=high, mean_abs=mean_abs, l2_norm=l2_norm,
+            zero_fraction=zeros / finite, nan_count=nans, inf_count=infs,
+            histogram=Histogram(tuple(edges), tuple(counts)),
+        )
+
+
+def _no_finite_values(numel: int, nans: int, infs: int) -> TensorSummary:
+    nan = math.nan
+    return TensorSummary(
+        numel=numel, mean=nan, std=nan, min=nan, max=nan, mean_abs=nan, l2_norm=0.0,
+        zero_fraction=nan, nan_count=nans, inf_count=infs, histogram=Histogram((), ()),
+    )

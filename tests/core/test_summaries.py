@@ -1,0 +1,237 @@
+"""Summaries against plain numpy references, and the promise of one device-to-host transfer."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from lens_core import summaries as summaries_module
+from lens_core.summaries import Histogram, TensorSummary, summarize
+
+NAN, INF = math.nan, math.inf
+
+
+def _values(tensor: torch.Tensor) -> np.ndarray:
+    """The values as the summary sees them: float64 stays float64, the rest becomes float32."""
+    wide = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    return tensor.detach().to(wide).reshape(-1).numpy()
+
+
+def _check_against_numpy(tensor: torch.Tensor, summary: TensorSummary, bins: int) -> None:
+    values = _values(tensor)
+    finite = values[np.isfinite(values)].astype(np.float64)
+    assert summary.numel == tensor.numel()
+    assert summary.nan_count == int(np.isnan(values).sum())
+    assert summary.inf_count == int(np.isinf(values).sum())
+    assert summary.finite_count == finite.size
+    rtol = 1e-12 if tensor.dtype == torch.float64 else 1e-5
+    assert summary.min == finite.min()  # extremes are exact
+    assert summary.max == finite.max()
+    assert summary.mean == pytest.approx(finite.mean(), rel=rtol, abs=1e-6)
+    assert summary.std == pytest.approx(finite.std(), rel=rtol, abs=1e-6)
+    assert summary.mean_abs == pytest.approx(np.abs(finite).mean(), rel=rtol)
+    assert summary.l2_norm == pytest.approx(np.sqrt((finite**2).sum()), rel=rtol)
+    assert summary.zero_fraction == (finite == 0).mean()
+    edges = np.array(summary.histogram.edges)
+    assert len(edges) == bins + 1
+    assert np.all(np.diff(edges) >= 0)
+    if finite.min() < finite.max():
+        assert (edges[0], edges[-1]) == (finite.min(), finite.max())
+    else:  # numpy's convention for one distinct value: a unit range around it
+        assert (edges[0], edges[-1]) == (finite.min() - 0.5, finite.max() + 0.5)
+    reference, _ = np.histogram(finite, bins=edges)
+    assert list(summary.histogram.counts) == reference.tolist()  # exact, bin for bin
+    assert sum(summary.histogram.counts) == finite.size
+
+
+def _cases() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    with_specials = torch.randn(50, generator=g)
+    with_specials[[3, 7, 9]] = torch.tensor([NAN, INF, -INF])
+    with_specials[[11, 12]] = 0.0
+    relu = torch.randn(4, 8, 5, generator=g).relu()
+    return {
+        "normal": torch.randn(3, 7, 11, generator=g),
+        "relu_sparse": relu,
+        "with_nan_inf": with_specials,
+        "float64": torch.randn(300, generator=g, dtype=torch.float64) * 1e3,
+        "bfloat16": (torch.randn(64, 9, generator=g) * 10).to(torch.bfloat16),
+        "float16": torch.randn(100, generator=g).half(),
+        "int64": torch.randint(-50, 50, (7, 13), generator=g),
+        "uint8": torch.randint(0, 255, (40,), generator=g, dtype=torch.uint8),
+        "bool": torch.rand(33, generator=g) > 0.3,
+        "constant": torch.full((6, 2), 3.25),
+        "single": torch.tensor([-2.0]),
+        "scalar": torch.tensor(7.5),
+        "transposed": torch.randn(9, 4, generator=g).t(),
+        "requires_grad": torch.randn(10, generator=g, requires_grad=True) * 2,
+        "ties_on_edges": torch.arange(0, 65, dtype=torch.float32),  # every value is an edge
+        "huge_range": torch.tensor([-3.0e38, 0.0, 1.0, 3.0e38]),
+    }
+
+
+@pytest.mark.parametrize("bins", [1, 7, 64])
+def test_every_statistic_and_bin_matches_numpy(bins: int) -> None:
+    tensors = _cases()
+    summaries = summarize(tensors, bins=bins)
+    assert list(summaries) == list(tensors)
+    for name, tensor in tensors.items():
+        try:
+            _check_against_numpy(tensor, summaries[name], bins)
+        except AssertionError as error:
+            raise AssertionError(f"{name}: {error}") from error
+
+
+def test_batch_equals_one_at_a_time() -> None:
+    tensors = _cases()
+    together = summarize(tensors)
+    for name, tensor in tensors.items():
+        assert summarize({name: tensor})[name] == together[name], name
+
+
+def test_histogram_in_chunks_equals_histogram_in_one_go(monkeypatch: pytest.MonkeyPatch) -> None:
+    tensor = torch.randn(10_001, generator=torch.Generator().manual_seed(1))
+    tensor[[5, 5000, 9999]] = torch.tensor([NAN, INF, NAN])
+    whole = summarize({"x": tensor})["x"]
+    monkeypatch.setattr(summaries_module, "_CHUNK", 997)
+    assert summarize({"x": tensor})["x"] == whole
+    _check_against_numpy(tensor, whole, 64)
+
+
+@pytest.mark.parametrize(
+    ("tensor", "nans", "infs"),
+    [
+        (torch.empty(0), 0, 0),
+        (torch.empty(3, 0, 2, dtype=torch.int32), 0, 0),
+        (torch.tensor([NAN, NAN]), 2, 0),
+        (torch.tensor([INF, -INF, NAN]), 1, 2),
+        (torch.tensor([NAN], dtype=torch.bfloat16), 1, 0),
+    ],
+)
+def test_no_finite_value_gives_nan_statistics_and_an_empty_histogram(
+    tensor: torch.Tensor, nans: int, infs: int
+) -> None:
+    summary = summarize({"x": tensor, "ok": torch.ones(2)})["x"]
+    assert (summary.numel, summary.nan_count, summary.inf_count) == (tensor.numel(), nans, infs)
+    assert summary.finite_count == 0
+    averages = (summary.mean, summary.std, summary.mean_abs, summary.zero_fraction)
+    assert all(math.isnan(value) for value in (*averages, summary.min, summary.max))
+    assert summary.l2_norm == 0.0
+    assert summary.histogram == Histogram((), ())
+
+
+def test_an_empty_mapping_gives_an_empty_dict() -> None:
+    assert summarize({}) == {}
+
+
+def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(ValueError, match="bins=0"):
+        summarize({"x": torch.ones(2)}, bins=0)
+    with pytest.raises(ValueError, match="bins=True"):
+        summarize({"x": torch.ones(2)}, bins=True)
+    with pytest.raises(TypeError, match=r"tensors\['x'\] is a list"):
+        summarize({"x": [1.0, 2.0]})  # type: ignore[dict-item]
+    with pytest.raises(TypeError, match="complex"):
+        summarize({"z": torch.ones(2, dtype=torch.complex64)})
+    with pytest.raises(TypeError, match="mapping"):
+        summarize([torch.ones(2)])  # type: ignore[arg-type]
+
+
+def test_to_dict_is_strict_json_and_round_trips() -> None:
+    summaries = summarize({
+        "normal": torch.randn(20), "nan": torch.tensor([NAN]), "empty": torch.empty(0),
+        "inf": torch.tensor([INF, 1.0]),
+    }, bins=5)
+    for name, summary in summaries.items():
+        text = json.dumps(summary.to_dict(), allow_nan=False)  # no bare NaN/Infinity tokens
+        back = TensorSummary.from_dict(json.loads(text))
+        assert _same(back, summary), name
+
+
+def _same(a: TensorSummary, b: TensorSummary) -> bool:
+    """Equality that treats NaN as equal to NaN."""
+    def norm(value: Any) -> Any:
+        return "nan" if isinstance(value, float) and math.isnan(value) else value
+    fields = [f for f in TensorSummary.__dataclass_fields__ if f != "histogram"]
+    return all(norm(getattr(a, f)) == norm(getattr(b, f)) for f in fields) and a.histogram == b.histogram
+
+
+def test_from_dict_names_what_is_wrong() -> None:
+    data = summarize({"x": torch.randn(5)})["x"].to_dict()
+    del data["std"]
+    with pytest.raises(ValueError, match="std"):
+        TensorSummary.from_dict(data)
+    data = summarize({"x": torch.randn(5)})["x"].to_dict()
+    data["nan_count"] = 1.5
+    with pytest.raises(ValueError, match="expected an int"):
+        TensorSummary.from_dict(data)
+
+
+class _HostReads(TorchFunctionMode):
+    """Records, in order, every torch call that copies to the host or reads a value there."""
+
+    READS = frozenset({
+        "cpu", "item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__",
+        "nonzero", "masked_select", "bincount", "histc", "unique", "to",
+    })
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[str] = []
+        self.before_first_cpu: list[str] = []
+
+    def __torch_function__(
+        self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        name = getattr(func, "__name__", "")
+        if name == "to":  # a move to another device is a transfer; a dtype change is not
+            moves = [a for a in (*args[1:], *(kwargs or {}).values()) if isinstance(a, (str, torch.device))]
+            name = "to(device)" if moves else ""
+        if name in self.READS or name == "to(device)" or (name == "__getitem__" and _bool_index(args)):
+            self.events.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def _bool_index(args: tuple[Any, ...]) -> bool:
+    index = args[1] if len(args) > 1 else None
+    return isinstance(index, torch.Tensor) and index.dtype == torch.bool
+
+
+def test_all_results_come_back_in_one_transfer() -> None:
+    tensors = _cases()
+    with _HostReads() as reads:
+        summarize(tensors, bins=16)
+    assert reads.events.count("cpu") == 1, reads.events
+    first = reads.events.index("cpu")
+    # nothing is read on the host before the transfer, and after it only the packed buffer is
+    assert reads.events[:first] == [], reads.events
+    assert set(reads.events[first + 1:]) <= {"tolist"}, reads.events
+    assert "item" not in reads.events
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_summaries_equal_cpu_ones_and_never_sync_before_the_transfer() -> None:
+    tensors = {name: t for name, t in _cases().items() if t.dtype != torch.float64}
+    on_gpu = {name: t.detach().cuda() for name, t in tensors.items()}
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.no_grad():
+            summaries_module._pack(list(on_gpu.values()), 64, torch.float64)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    gpu = summarize(on_gpu)
+    cpu = summarize(tensors)
+    for name in tensors:
+        assert gpu[name].histogram.counts == cpu[name].histogram.counts, name
+        assert gpu[name].histogram.edges == cpu[name].histogram.edges, name
+        assert gpu[name].min == cpu[name].min
+        assert gpu[name].mean == pytest.approx(cpu[name].mean, rel=1e-5, abs=1e-6)
