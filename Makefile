@@ -32,7 +32,7 @@ system-deps:
 	fi
 
 demo: install
-	$(PY) examples/quickstart.py
+	$(PY) examples/lightning_quickstart.py
 
 lint: install
 	$(VENV)/bin/ruff check .

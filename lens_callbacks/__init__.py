@@ -1,7 +1,26 @@
 """lens_callbacks: capture the real training step with lens_core, at chosen steps.
 
-The Lightning callback, the plain-loop driver and the TensorBoard / W&B / disk writers arrive
-with their issues (#5, #6); this package already installs so that its name is reserved.
+``Lens`` drives a plain loop; ``LensCallback`` (imported on first use, it needs Lightning) maps
+Lightning's hooks onto it. Writers decide where captures go.
 """
 
-__all__: list[str] = []
+from __future__ import annotations
+
+from typing import Any
+
+from lens_callbacks.lens import Lens
+from lens_callbacks.record import CaptureRecord
+from lens_callbacks.schedule import Schedule
+from lens_callbacks.writers import DiskWriter, Writer
+
+__all__ = ["CaptureRecord", "DiskWriter", "Lens", "LensCallback", "Schedule", "Writer"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lightning is optional: importing it happens when LensCallback is first asked for.
+    if name == "LensCallback":
+        from lens_callbacks.callback import LensCallback  # noqa: PLC0415
+
+
+        return LensCallback
+    raise AttributeError(f"module 'lens_callbacks' has no attribute {name!r}")

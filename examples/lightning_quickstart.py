@@ -1,0 +1,81 @@
+"""Lightning quickstart (the `make demo` job): train a small CNN on scikit-learn's digits with
+LensCallback capturing every op of chosen training steps, then look at what it saw.
+
+    python examples/lightning_quickstart.py [--out out/demo] [--steps 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lens_core as lc
+from lens_callbacks import LensCallback
+
+
+class DigitsCNN(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(0.1), nn.Linear(32 * 2 * 2, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, 1, 8, 8)
+        return self.classifier(self.features(x))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        loss = F.cross_entropy(self(images), labels)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=3e-3)
+
+
+def digits_loader(batch_size: int = 64) -> DataLoader[tuple[torch.Tensor, ...]]:
+    digits = load_digits()  # 1,797 8x8 images shipped with scikit-learn: no download
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(digits.target)
+    return DataLoader(TensorDataset(images, labels), batch_size=batch_size, shuffle=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("out/demo"))
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--every", type=int, default=20)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    lens = LensCallback(layers="all", every_n_steps=args.every, save_tensors=True, log_dir=args.out)
+    trainer = pl.Trainer(
+        max_steps=args.steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(args.out),
+        callbacks=[lens],
+    )
+    trainer.fit(DigitsCNN(), digits_loader())
+
+    captures = sorted((args.out / "lens").iterdir())
+    last = lc.load(captures[-1] / "micro_batch_0")
+    print(f"\nCaptured {len(captures)} training steps: {', '.join(p.name for p in captures)}")
+    print(f"Last capture ({captures[-1].name}): {len(last)} ops, e.g.")
+    for label in last.layer_labels[:6]:
+        layer = last[label]
+        grad = layer.gradient
+        grad_text = f"grad norm {grad.norm():.4f}" if grad is not None else "no gradient"
+        print(f"  {label:<22} {layer.shape!s:<22} {layer.module or '':<14} {grad_text}")
+    print(f"\nWhere to look:\n  captures: {args.out / 'lens'}  (lens_core.load(folder) reads one back)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""``LensCallback``: the Lightning face of :class:`~lens_callbacks.lens.Lens`.
+
+It only maps Lightning's hooks onto the driver: arm when a batch starts, stop recording when
+the loss exists (the backward then fills in gradients), write when the optimizer is about to
+step, tear down on exceptions. Lightning 2.x (``lightning.pytorch``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+from lens_callbacks.lens import Lens
+from lens_callbacks.schedule import Schedule
+from lens_callbacks.writers import DiskWriter, Writer
+from lens_core.selection import LayerSpec
+
+try:
+    from lightning.pytorch import Callback
+    from lightning.pytorch.utilities import rank_zero_warn
+except ImportError as error:  # this module is imported on first use of LensCallback
+    raise ImportError(
+        'LensCallback needs Lightning: pip install "lens-callbacks[lightning]" '
+        "(or drive a plain loop with lens_callbacks.Lens)."
+    ) from error
+
+__all__ = ["LensCallback"]
+
+
+class LensCallback(Callback):
+    """Captures every op of chosen training steps: activations, their gradients, the graph.
+
+    Example::
+
+        trainer = Trainer(callbacks=[LensCallback(layers="conv", every_n_steps=100)])
+
+    The capture is the training step that really runs (no extra forward pass). Steps are
+    optimizer steps (``trainer.global_step`` when the batch starts); with gradient
+    accumulation the whole window is one capture.
+
+    Args:
+        layers: which ops to keep (a ``lens_core`` selection: ``"all"``, ``"conv"``, module
+            addresses, labels, a predicate ...).
+        every_n_steps, steps, when, stages: when to capture (see :class:`Schedule`); by
+            default every 100th training step. Validation, test and predict capture the first
+            batch of a due step when their stage is listed; the sanity check only when
+            ``"sanity_check"`` is.
+        writers: where captures go; by default a disk writer in ``<log_dir>/lens``.
+        log_dir: root of the default disk writer (default: the trainer's ``log_dir``).
+        save_tensors: also save full tensors to disk.
+        bins: histogram bins.
+        ranks: ``"zero"`` captures on global rank 0 only, ``"all"`` on every rank (per-rank
+            folders).
+        strict: let writer errors stop training.
+
+    Raises:
+        ValueError / TypeError: a bad argument, named with the fix.
+    """
+
+    def __init__(
+        self,
+        layers: LayerSpec = "all",
+        *,
+        every_n_steps: int | None = None,
+        steps: Iterable[int] | None = None,
+        when: Callable[[int, float | None], bool] | None = None,
+        stages: Iterable[str] | str = ("train",),
+        writers: Iterable[Writer] | None = None,
+        log_dir: str | Path | None = None,
+        save_tensors: bool = False,
+        bins: int = 64,
+        ranks: Literal["zero", "all"] = "zero",
+        strict: bool = False,
+    ) -> None:
+        super().__init__()
+        if ranks not in ("zero", "all"):
+            raise ValueError(f"ranks={ranks!r}: use 'zero' (global rank 0 captures) or 'all'.")
+        self._schedule = Schedule.build(every_n_steps, steps, when, stages)  # validates early
+        self._options: dict[str, Any] = {
+            "layers": layers, "every_n_steps": every_n_steps, "steps": steps, "when": when,
+            "stages": stages, "save_tensors": save_tensors, "bins": bins, "strict": strict,
+        }
+        self._writers = None if writers is None else list(writers)
+        self._log_dir = log_dir
+        self._ranks = ranks
+        self._last_step: int | None = None
+        self.lens: Lens | None = None
+
+    @property
+    def state_key(self) -> str:
+        return str(self._generate_state_key(
+            layers=repr(self._options["layers"]), every_n_steps=self._options["every_n_steps"],
+            steps=sorted(self._schedule.steps or ()), stages=sorted(self._schedule.stages),
+        ))
+
+    # -- set-up and tear-down --------------------------------------------------------------------
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if self.lens is not None:
+            return
+        options = dict(self._options)
+        save_tensors = options.pop("save_tensors")
+        self.lens = Lens(
+            pl_module,
+            writers=self._writers or self._default_writers(trainer, save_tensors),
+            grad_scaler=getattr(trainer.precision_plugin, "scaler", None),
+            accumulate_grad_batches=trainer.accumulate_grad_batches,
+            **options,
+        )
+        self.lens.rank = trainer.global_rank
+        self.lens.enabled = self._ranks == "all" or trainer.global_rank == 0
+        self.lens.last_step = self._last_step
+
+    def _default_writers(self, trainer: Any, save_tensors: bool) -> list[Writer]:
+        root = Path(self._log_dir or trainer.log_dir or trainer.default_root_dir) / "lens"
+        writers: list[Writer] = [DiskWriter(root, save_tensors=save_tensors, per_rank=self._ranks == "all")]
+        loggers = [type(logger).__name__ for logger in trainer.loggers]
+        if loggers and trainer.global_rank == 0:
+            rank_zero_warn(
+                f"LensCallback has no writer for the trainer's loggers ({', '.join(loggers)}) yet; "
+                f"captures go to {root}. Pass writers=[...] to choose."
+            )
+        return writers
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if self.lens is not None:
+            self._last_step = self.lens.last_step
+            self.lens.close()
+            self.lens = None
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        if self.lens is not None:
+            self.lens.abort()
+
+    def state_dict(self) -> dict[str, Any]:
+        last = self.lens.last_step if self.lens is not None else self._last_step
+        return {"last_step": last}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_step = state_dict.get("last_step")
+        if self.lens is not None:
+            self.lens.last_step = self._last_step
+
+    # -- training ----------------------------------------------------------------------------------
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self.lens is not None:
+            self.lens.arm(trainer.global_step, "train")
+
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
+        if self.lens is not None and self.lens.capturing:
+            self.lens.end_micro_batch()
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        # gradients are final here: accumulated, all-reduced and unscaled
+        if self.lens is not None:
+            self.lens.flush()
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.lens is None:
+            return
+        self.lens.end_micro_batch()  # a step without backward (or manual optimization)
+        if self._schedule.when is not None:  # the only reason to read the loss: it syncs
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+            self.lens.previous_loss = None if loss is None else float(loss)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.lens is not None:
+            self.lens.flush()
+
+    # -- evaluation stages -----------------------------------------------------------------------
+
+    def _eval_start(self, trainer: Any, stage: str, batch_idx: int, dataloader_idx: int) -> None:
+        if self.lens is not None and batch_idx == 0 and dataloader_idx == 0:
+            self.lens.arm(trainer.global_step, "sanity_check" if trainer.sanity_checking else stage)
+
+    def _eval_end(self) -> None:
+        if self.lens is not None and self.lens.capturing:
+            self.lens.flush()
+
+    def on_validation_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._eval_start(trainer, "validate", batch_idx, dataloader_idx)
+
+    def on_validation_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._eval_end()
+
+    def on_test_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._eval_start(trainer, "test", batch_idx, dataloader_idx)
+
+    def on_test_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._eval_end()
+
+    def on_predict_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._eval_start(trainer, "predict", batch_idx, dataloader_idx)
+
+    def on_predict_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._eval_end()

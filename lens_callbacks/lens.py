@@ -1,0 +1,223 @@
+"""``Lens``: captures chosen steps of a training loop. The engine behind ``LensCallback``.
+
+It decides *when* (the schedule) and *where* (the writers); the capture itself is lens_core's.
+A step that is not captured costs one schedule check: no mode, no hook, no allocation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lens_callbacks.record import CaptureRecord, build_record
+from lens_callbacks.schedule import Schedule
+from lens_callbacks.writers import DiskWriter, Writer
+from lens_core import Capture, ModelHistory
+from lens_core.selection import LayerSpec, Selection
+
+__all__ = ["Lens"]
+
+
+@dataclass
+class _Pending:
+    """The micro-batches captured so far for one step."""
+
+    step: int
+    stage: str
+    histories: list[ModelHistory] = field(default_factory=list)
+
+
+class Lens:
+    """Captures the real forward, loss and backward of chosen steps, for a hand-written loop::
+
+        lens = Lens(model, layers="conv", every_n_steps=100, log_dir="runs/lens")
+        for step, (x, y) in enumerate(loader):
+            with lens.step(step):
+                loss = criterion(model(x), y)
+                loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        lens.close()
+
+    Put the backward inside the block: gradients of the captured outputs, and the parameter
+    gradients the optimizer will use, are read when the block ends. With gradient accumulation
+    over k micro-batches, enter ``lens.step(step)`` once per micro-batch with the same step and
+    pass ``accumulate_grad_batches=k``: the k micro-batches form one capture.
+
+    Args:
+        model: the model being trained.
+        layers: which ops to keep (``lens_core`` selection: ``"all"``, ``"conv"``,
+            ``["features", "fc"]``, a predicate ...).
+        every_n_steps, steps, when, stages: the :class:`Schedule`.
+        writers: where captures go; by default a :class:`DiskWriter` in ``log_dir``.
+        log_dir: folder of the default disk writer.
+        save_tensors: also save full tensors to disk (default: summaries and metadata).
+        bins: histogram bins of the summaries.
+        grad_scaler: the ``torch.amp.GradScaler`` whose scaled loss is backpropagated, so that
+            recorded gradients are unscaled.
+        accumulate_grad_batches: micro-batches per optimizer step.
+        strict: let a writer's error stop training (by default it is reported and training
+            goes on).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: LayerSpec = "all",
+        *,
+        every_n_steps: int | None = None,
+        steps: Iterable[int] | None = None,
+        when: Callable[[int, float | None], bool] | None = None,
+        stages: Iterable[str] | str = ("train",),
+        writers: Iterable[Writer] | None = None,
+        log_dir: str | Path = "lens_logs",
+        save_tensors: bool = False,
+        bins: int = 64,
+        grad_scaler: Any = None,
+        accumulate_grad_batches: int = 1,
+        strict: bool = False,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        Selection(layers, (name for name, _ in model.named_modules()), "layers")  # fail early
+        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+            raise ValueError(f"bins={bins!r}: use an int >= 1 (64 is a good default).")
+        if isinstance(accumulate_grad_batches, bool) or not isinstance(accumulate_grad_batches, int) \
+                or accumulate_grad_batches < 1:
+            raise ValueError(f"accumulate_grad_batches={accumulate_grad_batches!r}: use an int >= 1.")
+        self.model = model
+        self.layers = layers
+        self.schedule = Schedule.build(every_n_steps, steps, when, stages)
+        self.writers: list[Writer] = (
+            [DiskWriter(log_dir, save_tensors=save_tensors)] if writers is None else list(writers)
+        )
+        for writer in self.writers:
+            if not isinstance(writer, Writer):
+                raise TypeError(f"writers holds {writer!r}, which has no write(record) and close() methods.")
+        self.bins = bins
+        self.grad_scaler = grad_scaler
+        self.accumulate_grad_batches = accumulate_grad_batches
+        self.strict = strict
+        self.rank = 0
+        self.enabled = True
+        self.last_step: int | None = None
+        """Last training step written; earlier steps are not captured again (resuming)."""
+        self.previous_loss: float | None = None
+        self._capture: Capture | None = None
+        self._pending: _Pending | None = None
+        self._eager: contextlib.AbstractContextManager[Any] | None = None
+
+    # -- the plain-loop interface ---------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def step(self, step: int, stage: str = "train") -> Iterator[None]:
+        """Captures the block if ``step`` is due (see the class docstring)."""
+        if not self.arm(step, stage):
+            yield
+            return
+        try:
+            yield
+        except BaseException:
+            self.abort()
+            raise
+        self.end_micro_batch()
+        if self._pending is not None and len(self._pending.histories) >= self.accumulate_grad_batches:
+            self.flush()
+
+    def close(self) -> None:
+        """Writes what is pending and closes the writers."""
+        try:
+            self.flush()
+        finally:
+            for writer in self.writers:
+                writer.close()
+
+    # -- the steps the integrations map their hooks to -------------------------------------------
+
+    def due(self, step: int, stage: str = "train") -> bool:
+        if not self.enabled or (stage == "train" and self.last_step is not None and step <= self.last_step):
+            return False
+        return self.schedule.due(step, stage, self.previous_loss)
+
+    def arm(self, step: int, stage: str = "train") -> bool:
+        """Starts capturing the next micro-batch if its step is due (or its step is pending)."""
+        pending = self._pending
+        if pending is not None and (pending.step, pending.stage) != (step, stage):
+            self.flush()
+            pending = None
+        if pending is None and not self.due(step, stage):
+            return False
+        if self._pending is None:
+            self._pending = _Pending(step, stage)
+        self._eager = torch.compiler.set_stance("force_eager")  # compiled modules run eagerly
+        self._eager.__enter__()
+        try:
+            self._capture = Capture(self.model, self.layers, gradients=True, grad_scaler=self.grad_scaler)
+            self._capture.start()
+        except BaseException:
+            self._capture = None
+            self._leave_eager()
+            raise
+        return True
+
+    @property
+    def capturing(self) -> bool:
+        return self._capture is not None
+
+    def end_micro_batch(self) -> None:
+        """Stops recording ops; the backward still fills in the gradients of what was saved."""
+        capture, self._capture = self._capture, None
+        if capture is None or self._pending is None:
+            return
+        try:
+            self._pending.histories.append(capture.stop())
+        finally:
+            self._leave_eager()
+
+    def flush(self) -> None:
+        """Summarises the pending step and hands it to the writers."""
+        self.end_micro_batch()
+        pending, self._pending = self._pending, None
+        if pending is None or not pending.histories:
+            return
+        record = build_record(
+            pending.step, pending.stage, self.rank, pending.histories, self.model, self.bins
+        )
+        if pending.stage == "train":
+            self.last_step = pending.step
+        self._write(record)
+
+    def abort(self) -> None:
+        """Tears a capture down after an error, keeping nothing of the failed step."""
+        capture, self._capture, self._pending = self._capture, None, None
+        try:
+            if capture is not None and capture.active:
+                capture.stop(strict=False)
+        finally:
+            self._leave_eager()
+
+    def _leave_eager(self) -> None:
+        eager, self._eager = self._eager, None
+        if eager is not None:
+            eager.__exit__(None, None, None)
+
+    def _write(self, record: CaptureRecord) -> None:
+        for writer in self.writers:
+            try:
+                writer.write(record)
+            except Exception as error:
+                if self.strict:
+                    raise
+                warnings.warn(
+                    f"lens_callbacks: {type(writer).__name__} failed to write step {record.step} "
+                    f"({type(error).__name__}: {error}); training goes on (strict=True stops it).",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )

@@ -1,0 +1,73 @@
+"""When to capture: which steps, which stages."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["STAGES", "Schedule", "Stage"]
+
+Stage = Literal["train", "validate", "test", "predict", "sanity_check"]
+STAGES: tuple[Stage, ...] = ("train", "validate", "test", "predict", "sanity_check")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Decides whether the step a batch belongs to is captured.
+
+    A step is captured when any of the given rules says so. With no rule at all, every 100th
+    step is (0, 100, 200, ...).
+
+    Args:
+        every_n_steps: capture steps 0, n, 2n, ...
+        steps: capture exactly these steps.
+        when: ``when(step, previous_loss)`` returns True to capture; ``previous_loss`` is the
+            last loss seen by the driver (a float, or None before the first).
+        stages: the stages to capture in; ``"train"`` only by default.
+    """
+
+    every_n_steps: int | None = None
+    steps: frozenset[int] | None = None
+    when: Callable[[int, float | None], bool] | None = None
+    stages: frozenset[str] = frozenset({"train"})
+
+    @classmethod
+    def build(
+        cls,
+        every_n_steps: int | None,
+        steps: Iterable[int] | None,
+        when: Callable[[int, float | None], bool] | None,
+        stages: Iterable[str] | str,
+    ) -> Schedule:
+        """Validates user arguments (naming each one in errors) and builds the schedule."""
+        if every_n_steps is not None and (
+            isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1
+        ):
+            raise ValueError(f"every_n_steps={every_n_steps!r}: use an int >= 1, or None.")
+        step_set = None
+        if steps is not None:
+            if isinstance(steps, (str, bytes)) or not isinstance(steps, Iterable):
+                raise TypeError(f"steps={steps!r}: use a list of ints, e.g. steps=[0, 500, 1000].")
+            step_set = frozenset(steps)
+            bad = [s for s in step_set if isinstance(s, bool) or not isinstance(s, int) or s < 0]
+            if bad:
+                raise ValueError(f"steps contains {bad[0]!r}: steps are ints >= 0 (optimizer steps).")
+        if when is not None and not callable(when):
+            raise TypeError(f"when={when!r}: use a callable when(step, previous_loss) -> bool.")
+        stage_set = frozenset([stages] if isinstance(stages, str) else stages)
+        unknown = sorted(stage_set - set(STAGES))
+        if unknown or not stage_set:
+            raise ValueError(f"stages={sorted(stage_set)!r}: choose from {list(STAGES)}.")
+        if every_n_steps is None and step_set is None and when is None:
+            every_n_steps = 100
+        return cls(every_n_steps, step_set, when, stage_set)
+
+    def due(self, step: int, stage: str, previous_loss: float | None = None) -> bool:
+        if stage not in self.stages:
+            return False
+        if self.every_n_steps is not None and step % self.every_n_steps == 0:
+            return True
+        if self.steps is not None and step in self.steps:
+            return True
+        return self.when is not None and bool(self.when(step, previous_loss))
