@@ -4,8 +4,10 @@ Depends on torch only. The vocabulary follows the TorchLens README (``log_forwar
 ``ModelHistory``, ``tensor_contents``, labels such as ``conv2d_3_7`` and ``linear_1_1:2``).
 """
 
+from lens_core._rng import get_rng_states, set_rng_states
 from lens_core.capture import Capture, capture, get_model_metadata, log_forward_pass
 from lens_core.errors import CaptureError, LayerNotFoundError, LensError
+from lens_core.forensics import AnomalyError, AnomalyReport, explain, first_nonfinite, investigate
 from lens_core.history import ModelHistory
 from lens_core.records import FrameInfo, Layer, ParamInfo
 from lens_core.store import CaptureFormatError, load, load_extra, load_summaries, save
@@ -18,6 +20,8 @@ from lens_core.validation import (
 )
 
 __all__ = [
+    "AnomalyError",
+    "AnomalyReport",
     "Capture",
     "CaptureError",
     "CaptureFormatError",
@@ -32,12 +36,17 @@ __all__ = [
     "TensorSummary",
     "ValidationReport",
     "capture",
+    "explain",
+    "first_nonfinite",
     "get_model_metadata",
+    "get_rng_states",
+    "investigate",
     "load",
     "load_extra",
     "load_summaries",
     "log_forward_pass",
     "save",
+    "set_rng_states",
     "summarize",
     "validate_model_activations",
     "validation_report",

@@ -53,6 +53,11 @@ class LensCallback(Callback):
         ranks: ``"zero"`` captures on global rank 0 only, ``"all"`` on every rank (per-rank
             folders).
         strict: let writer errors stop training.
+        on_anomaly: when a training loss is NaN or infinite, replay the step under a full
+            capture (same batch, parameters and RNG state; training is not changed) and report
+            the first op that produced a non-finite value, to the console and the writers; then
+            ``"raise"`` (stop training), ``"skip"`` (drop the step's gradients so the optimizer
+            leaves the parameters alone) or ``"continue"``. None (default) checks nothing.
 
     Raises:
         ValueError / TypeError: a bad argument, named with the fix.
@@ -72,6 +77,7 @@ class LensCallback(Callback):
         bins: int = 64,
         ranks: Literal["zero", "all"] = "zero",
         strict: bool = False,
+        on_anomaly: Literal["raise", "skip", "continue"] | None = None,
     ) -> None:
         super().__init__()
         if ranks not in ("zero", "all"):
@@ -80,11 +86,16 @@ class LensCallback(Callback):
         self._options: dict[str, Any] = {
             "layers": layers, "every_n_steps": every_n_steps, "steps": steps, "when": when,
             "stages": stages, "save_tensors": save_tensors, "bins": bins, "strict": strict,
+            "on_anomaly": on_anomaly,
         }
+        if on_anomaly not in (None, "raise", "skip", "continue"):
+            raise ValueError(f"on_anomaly={on_anomaly!r}: use 'raise', 'skip', 'continue' or None.")
         self._writers = None if writers is None else list(writers)
         self._log_dir = log_dir
         self._ranks = ranks
         self._last_step: int | None = None
+        self._batch: tuple[Any, int] | None = None  # kept for anomaly replays only
+        self._skip_step = False
         self.lens: Lens | None = None
 
     @property
@@ -145,17 +156,32 @@ class LensCallback(Callback):
     # -- training ----------------------------------------------------------------------------------
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if self.lens is not None:
-            self.lens.arm(trainer.global_step, "train")
+        if self.lens is None:
+            return
+        self.lens.begin_step(trainer.global_step)
+        if self.lens.on_anomaly is not None:
+            self._batch = (batch, batch_idx)
+        self.lens.arm(trainer.global_step, "train")
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
-        if self.lens is not None and self.lens.capturing:
+        if self.lens is None:
+            return
+        if self.lens.capturing:
             self.lens.end_micro_batch()
+        if self._batch is not None:
+            batch, batch_idx = self._batch
+            report = self.lens.check(loss, lambda: pl_module.training_step(batch, batch_idx))
+            self._skip_step |= report is not None and self.lens.on_anomaly == "skip"
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         # gradients are final here: accumulated, all-reduced and unscaled
         if self.lens is not None:
             self.lens.flush()
+        if self._skip_step:  # torch optimizers leave parameters without a gradient alone
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    param.grad = None
+            self._skip_step = False
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int

@@ -7,11 +7,12 @@ A step that is not captured costs one schedule check: no mode, no hook, no alloc
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from torch import nn
 from lens_callbacks.record import CaptureRecord, build_record
 from lens_callbacks.schedule import Schedule
 from lens_callbacks.writers import DiskWriter, Writer
-from lens_core import Capture, ModelHistory
+from lens_core import AnomalyError, AnomalyReport, Capture, ModelHistory, get_rng_states, investigate
 from lens_core.selection import LayerSpec, Selection
 
 __all__ = ["Lens"]
@@ -65,6 +66,10 @@ class Lens:
         accumulate_grad_batches: micro-batches per optimizer step.
         strict: let a writer's error stop training (by default it is reported and training
             goes on).
+        on_anomaly: check each loss handed to :meth:`check`; when it is NaN or infinite,
+            replay the step under a full capture and report the first op that went non-finite
+            (console, writers), then ``"raise"`` :class:`AnomalyError`, or return the report
+            (``"skip"``: your loop skips the optimizer step; ``"continue"``). None: no check.
     """
 
     def __init__(
@@ -83,6 +88,7 @@ class Lens:
         grad_scaler: Any = None,
         accumulate_grad_batches: int = 1,
         strict: bool = False,
+        on_anomaly: Literal["raise", "skip", "continue"] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -101,6 +107,9 @@ class Lens:
         for writer in self.writers:
             if not isinstance(writer, Writer):
                 raise TypeError(f"writers holds {writer!r}, which has no write(record) and close() methods.")
+        if on_anomaly not in (None, "raise", "skip", "continue"):
+            raise ValueError(f"on_anomaly={on_anomaly!r}: use 'raise', 'skip', 'continue' or None.")
+        self.on_anomaly = on_anomaly
         self.bins = bins
         self.grad_scaler = grad_scaler
         self.accumulate_grad_batches = accumulate_grad_batches
@@ -113,17 +122,20 @@ class Lens:
         self._capture: Capture | None = None
         self._pending: _Pending | None = None
         self._eager: contextlib.AbstractContextManager[Any] | None = None
+        self._step: int | None = None  # the step running now, and the RNG at its start
+        self._step_rng: dict[str, torch.Tensor] | None = None
 
     # -- the plain-loop interface ---------------------------------------------------------------
 
     @contextlib.contextmanager
-    def step(self, step: int, stage: str = "train") -> Iterator[None]:
+    def step(self, step: int, stage: str = "train") -> Iterator[Lens]:
         """Captures the block if ``step`` is due (see the class docstring)."""
+        self.begin_step(step)
         if not self.arm(step, stage):
-            yield
+            yield self
             return
         try:
-            yield
+            yield self
         except BaseException:
             self.abort()
             raise
@@ -139,7 +151,39 @@ class Lens:
             for writer in self.writers:
                 writer.close()
 
+    def check(self, loss: torch.Tensor, replay: Callable[[], Any]) -> AnomalyReport | None:
+        """Checks a loss before its backward; explains it if it is not finite (``on_anomaly``).
+
+        Args:
+            loss: the step's loss (one scalar check: a device sync on GPU).
+            replay: recomputes the loss from the same batch, e.g.
+                ``lambda: criterion(model(x), y)``; run under a full capture only on failure.
+
+        Raises:
+            AnomalyError: with ``on_anomaly="raise"``, when the loss is not finite.
+        """
+        if self.on_anomaly is None or not self.enabled or bool(torch.isfinite(loss.detach()).all()):
+            return None
+        self.end_micro_batch()  # the replay needs the one capture a process can run
+        report = investigate(self.model, replay, self._step_rng, step=self._step)
+        message = str(report) if report is not None else (
+            f"step {self._step}: the loss is not finite, but every op of the replay was: the "
+            "non-finite value came from outside the ops recorded (the batch itself?)"
+        )
+        warnings.warn(f"lens_callbacks: {message}", RuntimeWarning, stacklevel=2)
+        if report is not None:
+            self._write_anomaly(report)
+        if self.on_anomaly == "raise":
+            raise AnomalyError(report, message)
+        return report
+
     # -- the steps the integrations map their hooks to -------------------------------------------
+
+    def begin_step(self, step: int) -> None:
+        """Notes the step that starts (and, for anomaly replays, the RNG state it starts from)."""
+        self._step = step
+        if self.on_anomaly is not None:
+            self._step_rng = get_rng_states()
 
     def due(self, step: int, stage: str = "train") -> bool:
         if not self.enabled or (stage == "train" and self.last_step is not None and step <= self.last_step):
@@ -210,14 +254,23 @@ class Lens:
 
     def _write(self, record: CaptureRecord) -> None:
         for writer in self.writers:
-            try:
-                writer.write(record)
-            except Exception as error:
-                if self.strict:
-                    raise
-                warnings.warn(
-                    f"lens_callbacks: {type(writer).__name__} failed to write step {record.step} "
-                    f"({type(error).__name__}: {error}); training goes on (strict=True stops it).",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+            self._guarded(writer, record.step, functools.partial(writer.write, record))
+
+    def _write_anomaly(self, report: AnomalyReport) -> None:
+        for writer in self.writers:
+            write = getattr(writer, "write_anomaly", None)
+            if write is not None:
+                self._guarded(writer, report.step, functools.partial(write, report))
+
+    def _guarded(self, writer: Writer, step: int | None, write: Callable[[], None]) -> None:
+        try:
+            write()
+        except Exception as error:
+            if self.strict:
+                raise
+            warnings.warn(
+                f"lens_callbacks: {type(writer).__name__} failed to write step {step} "
+                f"({type(error).__name__}: {error}); training goes on (strict=True stops it).",
+                RuntimeWarning,
+                stacklevel=3,
+            )

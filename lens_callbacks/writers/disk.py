@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from lens_callbacks.record import CaptureRecord
-from lens_core import store
+from lens_core import AnomalyReport, store
 
 __all__ = ["DiskWriter"]
 
@@ -56,6 +56,14 @@ class DiskWriter:
         temporary = folder / ".summaries.json.tmp"
         temporary.write_text(json.dumps(summaries))
         temporary.replace(folder / "summaries.json")
+
+    def write_anomaly(self, report: AnomalyReport) -> None:
+        """Writes the anomaly report as ``anomaly.json`` in the folder of its step."""
+        folder = self.root / f"step_{report.step or 0:06d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        temporary = folder / ".anomaly.json.tmp"
+        temporary.write_text(json.dumps(report.to_dict(), indent=1))
+        temporary.replace(folder / "anomaly.json")
 
     def close(self) -> None:
         """Nothing to release: every capture is complete on disk when ``write`` returns."""
