@@ -10,6 +10,7 @@ from lens_core.errors import CaptureError, LayerNotFoundError, LensError
 from lens_core.forensics import AnomalyError, AnomalyReport, explain, first_nonfinite, investigate
 from lens_core.history import ModelHistory
 from lens_core.records import FrameInfo, Layer, ParamInfo
+from lens_core.render import show_model_graph
 from lens_core.store import CaptureFormatError, load, load_extra, load_summaries, save
 from lens_core.summaries import Histogram, TensorSummary, summarize
 from lens_core.validation import (
@@ -47,6 +48,7 @@ __all__ = [
     "log_forward_pass",
     "save",
     "set_rng_states",
+    "show_model_graph",
     "summarize",
     "validate_model_activations",
     "validation_report",

@@ -24,6 +24,7 @@ from lens_core.errors import CaptureError, LayerNotFoundError
 from lens_core.history import ModelHistory
 from lens_core.recorder import Recorder, iter_tensors
 from lens_core.records import ModelIndex
+from lens_core.render import check_render_options
 from lens_core.selection import LayerSpec, Selection
 
 __all__ = ["Capture", "capture", "get_model_metadata", "log_forward_pass"]
@@ -276,6 +277,7 @@ def log_forward_pass(
     vis_fileformat: str = "pdf",
     random_seed: int | None = None,
     save_gradients: bool = False,
+    vis_direction: str = "bottomup",
 ) -> ModelHistory:
     """Runs ``model`` once and returns the :class:`ModelHistory` of every op it ran.
 
@@ -288,10 +290,13 @@ def log_forward_pass(
             address (``"features"``, ``"fc:2"``: the layer that is that module's output), an
             ordinal (``7``, ``-5``), a substring of labels (``"conv"``), or a predicate taking a
             :class:`Layer`. History and indexing cover every layer either way.
-        vis_opt: ``"none"``, or ``"unrolled"``/``"rolled"`` to also render the graph.
-        vis_nesting_depth: deepest module level drawn when rendering.
+        vis_opt: ``"none"``, or ``"unrolled"``/``"rolled"`` to also render the graph (needs
+            the ``dot`` binary; see :meth:`ModelHistory.render_graph`).
+        vis_nesting_depth: module level whose calls are drawn as single boxes (top-level
+            modules are level 1; 1000 draws every op).
         vis_outpath: where the rendered graph goes (without extension).
         vis_fileformat: graphviz output format (``pdf``, ``png``, ``svg``...).
+        vis_direction: ``"bottomup"``, ``"topdown"`` or ``"leftright"``.
         random_seed: seed set before the pass (see :class:`Capture`).
         save_gradients: record the gradient of each saved layer when a backward pass runs
             later, from the output or from any saved layer (``history.backward(label)``).
@@ -305,15 +310,16 @@ def log_forward_pass(
         raise ValueError(f"vis_nesting_depth={vis_nesting_depth!r}: use an int >= 1.")
     if input_kwargs is not None and not isinstance(input_kwargs, Mapping):
         raise TypeError(f"input_kwargs must be a dict or None, got {type(input_kwargs).__name__}.")
-    if vis_opt != "none":
-        raise NotImplementedError(
-            f"vis_opt={vis_opt!r}: graph rendering is not built yet (issue #4); use vis_opt='none'."
-        )
+    if vis_opt != "none":  # fail before the model runs, not after
+        check_render_options(vis_opt, vis_nesting_depth, vis_fileformat, vis_direction)
     cap = Capture(
         model, layers_to_save, random_seed=random_seed, gradients=save_gradients,
         _argument="layers_to_save",
     )
-    return run_forward(cap, input_args, input_kwargs)[0]
+    history = run_forward(cap, input_args, input_kwargs)[0]
+    if vis_opt != "none":
+        history.render_graph(vis_opt, vis_nesting_depth, vis_outpath, vis_fileformat, vis_direction)
+    return history
 
 
 def run_forward(

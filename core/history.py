@@ -134,6 +134,63 @@ class ModelHistory:
             )
         torch.autograd.backward(tensor, torch.ones_like(tensor) if gradient is None else gradient)
 
+    # -- drawing (lens_core.render; graphviz is imported only when one of these runs) ------------
+
+    def graph_source(
+        self, vis_opt: str = "unrolled", vis_nesting_depth: int = 1000, vis_direction: str = "bottomup"
+    ) -> str:
+        """The DOT source of the graph, without rendering it (no ``dot`` binary needed).
+
+        Args: as :meth:`render_graph`.
+        """
+        from lens_core import render  # noqa: PLC0415  # drawing code loads when a drawing is asked for
+
+        return render.graph_source(self, vis_opt, vis_nesting_depth, vis_direction)
+
+    def to_digraph(
+        self, vis_opt: str = "unrolled", vis_nesting_depth: int = 1000, vis_direction: str = "bottomup"
+    ) -> Any:
+        """The graph as a ``graphviz.Digraph`` (shown inline by Jupyter), not rendered.
+
+        Args: as :meth:`render_graph`.
+        """
+        from lens_core import render  # noqa: PLC0415  # drawing code loads when a drawing is asked for
+
+        return render.to_digraph(self, vis_opt, vis_nesting_depth, vis_direction)
+
+    def render_graph(
+        self,
+        vis_opt: str = "unrolled",
+        vis_nesting_depth: int = 1000,
+        vis_outpath: str = "modelgraph",
+        vis_fileformat: str = "pdf",
+        vis_direction: str = "bottomup",
+        timeout: float = 60.0,  # lens_core.render.DEFAULT_TIMEOUT
+    ) -> str:
+        """Renders the graph with graphviz's ``dot`` to ``{vis_outpath}.{vis_fileformat}``.
+
+        The history is only read, never changed.
+
+        Args:
+            vis_opt: ``"unrolled"`` (a node per pass of each layer) or ``"rolled"`` (a node per
+                layer, ``(x4)``; edges say which passes they belong to).
+            vis_nesting_depth: modules of levels below it are drawn as boxes, each call of a
+                module at this level as one node (top-level modules are level 1); 1000 draws all.
+            vis_outpath: the file to write, without extension.
+            vis_fileformat: an output format of ``dot`` (``pdf``, ``png``, ``svg``...).
+            vis_direction: ``"bottomup"``, ``"topdown"`` or ``"leftright"``.
+            timeout: seconds ``dot`` may take; past it a ``RenderTimeoutError`` says which
+                ``vis_nesting_depth`` draws fewer nodes.
+
+        Returns:
+            The path of the rendered file.
+        """
+        from lens_core import render  # noqa: PLC0415  # drawing code loads when a drawing is asked for
+
+        return render.render_graph(
+            self, vis_opt, vis_nesting_depth, vis_outpath, vis_fileformat, vis_direction, timeout
+        )
+
     # -- model-level facts ---------------------------------------------------------------------
 
     @property

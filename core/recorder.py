@@ -360,6 +360,7 @@ class Recorder(TorchFunctionMode):
         entry = self._new_entry(("input", id(tensor), len(self.entries)), "input", "input",
                                 None, tensor, [], ())
         entry.is_input = True
+        entry.module_stack = ()  # it comes from outside, whichever module first reads it
         return entry
 
     def _add_output(self, position: int, tensor: Tensor) -> None:
