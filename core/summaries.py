@@ -6,8 +6,8 @@ statistic, histogram edge and bin count stays a device tensor until they are pac
 byte buffer and copied to the host with a single ``.cpu()`` (one per device the tensors live on).
 
 Histograms are exact: the edges come from the on-device minimum and maximum of the finite
-values, and each value is binned with ``searchsorted`` against those very edges, so the counts
-are what ``numpy.histogram(values, bins=edges)`` gives. ``torch.histc`` is not used: it needs
+values, and each value's bin, found by arithmetic, is checked against those very edges, so the
+counts are what ``numpy.histogram(values, bins=edges)`` gives. ``torch.histc`` is not used: it needs
 its range on the host (a sync per tensor) and bins with its own arithmetic.
 """
 
@@ -222,17 +222,33 @@ def _device_stats(tensor: torch.Tensor, bins: int, wide: torch.dtype) -> tuple[t
     l2_norm = torch.linalg.vector_norm(scaled)
     moments = torch.stack((mean, std, mean_abs, l2_norm)).to(wide) * scale.to(wide)
     edges = _edges(low, high, bins)
-    # Bin `bins` collects the non-finite values and is dropped.
     counts = torch.zeros(bins + 1, dtype=torch.int64, device=x.device)
-    ones = torch.ones((), dtype=torch.int64, device=x.device).expand(min(x.numel(), _CHUNK))
     for part, drop in zip(torch.split(x, _CHUNK), torch.split(~finite, _CHUNK), strict=True):
-        # Last edge <= value, by comparison with the edges themselves: exact at every edge.
-        index = torch.searchsorted(edges, part, right=True)
-        index.sub_(1).clamp_(0, bins - 1).masked_fill_(drop, bins)
-        counts.scatter_add_(0, index, ones[: index.numel()])
+        counts += _bin_counts(part, drop, edges, bins)
     ints = torch.cat((torch.stack((nans, infs, zeros)), counts[:bins]))
     floats = torch.cat((moments, torch.stack((low, high)).to(wide), edges.to(wide)))
     return ints, floats
+
+
+def _bin_counts(part: torch.Tensor, drop: torch.Tensor, edges: torch.Tensor, bins: int) -> torch.Tensor:
+    """How many values fall in each bin (bin ``bins`` collects the non-finite ones).
+
+    The bin comes from arithmetic (fast: a few elementwise passes), then moves by one where
+    rounding put a value next to an edge on the wrong side, checked against the edges
+    themselves: the counts are exactly those of ``numpy.histogram(values, edges)``.
+    """
+    low, high = edges[0] / 2, edges[-1] / 2  # halves: a range near the dtype's maximum fits
+    position = torch.where(drop, low, part / 2).sub_(low).div_(high - low).mul_(bins)
+    index = position.nan_to_num_(0.0).floor_().clamp_(0, bins - 1).to(torch.int64)
+    index -= (part < edges[index]).to(torch.int64)  # just below the edge of its bin
+    index.clamp_(min=0)
+    upper = edges[(index + 1).clamp_(max=bins)]
+    index += ((part >= upper) & (index < bins - 1)).to(torch.int64)  # at or past the next edge
+    index.masked_fill_(drop, bins)
+    if index.device.type == "cpu":  # bincount needs its output size: a sync, except on the CPU
+        return torch.bincount(index, minlength=bins + 1)
+    ones = torch.ones((), dtype=torch.int64, device=index.device).expand(index.numel())
+    return torch.zeros(bins + 1, dtype=torch.int64, device=index.device).scatter_add_(0, index, ones)
 
 
 def _edges(low: torch.Tensor, high: torch.Tensor, bins: int) -> torch.Tensor:
