@@ -119,14 +119,32 @@ def _timed(fn: Callable[..., Any], *args: Any) -> tuple[float, int]:
     return time.perf_counter() - start, len(out) if hasattr(out, "__len__") else 0
 
 
-def _measure(model: nn.Module, x: torch.Tensor, tl: _TorchLens | None, warmup: int, repeats: int
-             ) -> list[str]:
+def _train_step(model: nn.Module, x: torch.Tensor) -> tuple[()]:
+    model(x).float().sum().backward()
+    model.zero_grad(set_to_none=True)
+    return ()
+
+
+def _captured_train_step(model: nn.Module, x: torch.Tensor) -> tuple[()]:
+    """Forward and backward with every activation and its gradient recorded."""
+    with lens_core.capture(model, "all", gradients=True):
+        out = model(x)
+    out.float().sum().backward()
+    model.zero_grad(set_to_none=True)
+    return ()
+
+
+def _measure(model: nn.Module, x: torch.Tensor, tl: _TorchLens | None, warmup: int, repeats: int,
+             backward: bool) -> list[str]:
     """One table row. Each round runs plain, lens_core, TorchLens in turn; medians of the rounds."""
-    times: dict[str, list[float]] = {"plain": [], "ours": [], "tl": []}
+    times: dict[str, list[float]] = {"plain": [], "ours": [], "tl": [], "fb": [], "fb_ours": []}
     ops = tl_entries = 0
     for i in range(warmup + repeats):
         rnd = {"plain": _timed(model, x)[0]}
         rnd["ours"], ops = _timed(lens_core.log_forward_pass, model, x)  # layers_to_save="all"
+        if backward:
+            rnd["fb"] = _timed(_train_step, model, x)[0]
+            rnd["fb_ours"] = _timed(_captured_train_step, model, x)[0]
         if tl:
             tl.wrap()
             rnd["tl"], tl_entries = _timed(tl, model, x)
@@ -137,6 +155,9 @@ def _measure(model: nn.Module, x: torch.Tensor, tl: _TorchLens | None, warmup: i
     plain, ours = statistics.median(times["plain"]), statistics.median(times["ours"])
     row = [str(ops), f"{plain * 1e3:.1f}", f"{ours * 1e3:.1f}", f"{ours / plain:.2f}",
            f"{(ours - plain) / ops * 1e6:.1f}"]
+    if backward:
+        fb, fb_ours = statistics.median(times["fb"]), statistics.median(times["fb_ours"])
+        row += [f"{fb * 1e3:.1f}", f"{fb_ours * 1e3:.1f}", f"{fb_ours / fb:.2f}"]
     if tl:
         theirs = statistics.median(times["tl"])
         row += [f"{theirs * 1e3:.1f}", f"{theirs / plain:.2f}", f"{(theirs - plain) / ops * 1e6:.1f}",
@@ -167,7 +188,9 @@ def main(argv: list[str] | None = None) -> None:
             import torchlens
 
             tl = _TorchLens(torchlens)
+    backward = not args.no_grad
     head = ["model", "ops", "plain ms", "lens_core ms", "ratio", "us/op"]
+    head += ["fwd+bwd ms", "+ all grads ms", "ratio"] if backward else []
     head += ["TorchLens ms", "ratio", "us/op", "TL entries"] if tl else []
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
 
@@ -176,18 +199,23 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad() if args.no_grad else contextlib.nullcontext():
         for name in args.models:
             model, x = factories[name]()
-            rows.append([name, *_measure(model.eval(), x, tl, warmup, repeats)])
+            rows.append([name, *_measure(model.eval(), x, tl, warmup, repeats, backward)])
             print("| " + " | ".join(rows[-1]) + " |", flush=True)
 
     ours = statistics.median(float(r[5]) for r in rows)
-    theirs = f"TorchLens {tl.version}: {statistics.median(float(r[8]) for r in rows):.1f} us" if tl else ""
+    tl_col = 11 if backward else 8
+    theirs = ""
+    if tl:
+        theirs = f"TorchLens {tl.version}: {statistics.median(float(r[tl_col]) for r in rows):.1f} us"
     print(
         f"\nmedian overhead per op: lens_core {ours:.1f} us; {theirs or 'TorchLens not installed'}. "
         f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads, "
         f"grad {'disabled' if args.no_grad else 'enabled'}, eval mode, medians of {repeats} round(s), "
         f"{'quick inputs' if args.quick else 'batch 2'}, took {time.perf_counter() - started:.0f} s.\n"
         "us/op = (capture median - plain median) / ops, where ops = the layers lens_core recorded; "
-        "TorchLens's column uses the same count (its own 'TL entries' also list buffer reads)."
+        "TorchLens's column uses the same count (its own 'TL entries' also list buffer reads). "
+        "fwd+bwd: forward and backward of sum(output); '+ all grads' records every activation "
+        "and its gradient during it."
     )
 
 

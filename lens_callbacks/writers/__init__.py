@@ -1,6 +1,10 @@
-"""Where captures go: a small protocol, and the writers that implement it."""
+"""Where captures go: a small protocol, and the writers that implement it.
+
+The TensorBoard and W&B writers import their packages only when constructed.
+"""
 
 from lens_callbacks.writers.base import Writer
 from lens_callbacks.writers.disk import DiskWriter
+from lens_callbacks.writers.wandb import WandbWriter
 
-__all__ = ["DiskWriter", "Writer"]
+__all__ = ["DiskWriter", "WandbWriter", "Writer"]
