@@ -7,11 +7,12 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-# Debian packages the project needs: dot (graph rendering). Installed when missing and root.
-DEBIAN_PACKAGES ?= graphviz
-DEBIAN_COMMANDS ?= dot
+# Debian packages the project needs: dot (graph rendering), chromium (the TensorBoard page
+# test). Installed when missing and run as root.
+DEBIAN_PACKAGES ?= graphviz chromium
+DEBIAN_COMMANDS ?= dot chromium
 
-.PHONY: install system-deps demo test zoo bench lint clean
+.PHONY: install system-deps demo test test-cuda zoo bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -40,13 +41,17 @@ lint: install
 	$(VENV)/bin/mypy
 
 test: lint
-	$(PY) -m pytest -m "not zoo" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not zoo and not cuda" $(PYTEST_ARGS)
+
+test-cuda: install
+	$(PY) -m pytest -m cuda $(PYTEST_ARGS)
 
 zoo: install
 	$(PY) -m pytest -m zoo $(PYTEST_ARGS)
 
 bench: install
 	$(PY) benchmarks/capture_overhead.py
+	$(PY) benchmarks/training_overhead.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

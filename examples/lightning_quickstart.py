@@ -1,5 +1,6 @@
 """Lightning quickstart (the `make demo` job): train a small CNN on scikit-learn's digits with
-LensCallback capturing every op of chosen training steps, then look at what it saw.
+LensCallback capturing every op of chosen training steps, logging to TensorBoard, W&B (offline)
+and disk, then say where to look.
 
     python examples/lightning_quickstart.py [--out out/demo] [--steps 60]
 """
@@ -7,11 +8,13 @@ LensCallback capturing every op of chosen training steps, then look at what it s
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -56,16 +59,23 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=20)
     args = parser.parse_args()
 
+    os.environ.setdefault("WANDB_MODE", "offline")  # no account, no network: a local run folder
+    os.environ.setdefault("WANDB_SILENT", "true")
+    args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
+    # With no writers given, LensCallback writes to disk and to each TensorBoard / W&B logger.
     lens = LensCallback(layers="all", every_n_steps=args.every, save_tensors=True, log_dir=args.out)
+    wandb_logger = WandbLogger(project="lens-demo", save_dir=str(args.out), offline=True)
     trainer = pl.Trainer(
-        max_steps=args.steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+        max_steps=args.steps, accelerator="cpu", enable_checkpointing=False, log_every_n_steps=5,
+        logger=[TensorBoardLogger(args.out, name="tensorboard"), wandb_logger],
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(args.out),
         callbacks=[lens],
     )
     trainer.fit(DigitsCNN(), digits_loader())
+    wandb_logger.experiment.finish()
 
-    captures = sorted((args.out / "lens").iterdir())
+    captures = sorted((args.out / "lens").glob("step_*"))
     last = lc.load(captures[-1] / "micro_batch_0")
     print(f"\nCaptured {len(captures)} training steps: {', '.join(p.name for p in captures)}")
     print(f"Last capture ({captures[-1].name}): {len(last)} ops, e.g.")
@@ -74,8 +84,12 @@ def main() -> None:
         grad = layer.gradient
         grad_text = f"grad norm {grad.norm():.4f}" if grad is not None else "no gradient"
         print(f"  {label:<22} {layer.shape!s:<22} {layer.module or '':<14} {grad_text}")
-    print(f"\nWhere to look:\n  captures: {args.out / 'lens'}  (lens_core.load(folder) reads one back)")
-
+    graph = last.render_graph("unrolled", vis_outpath=str(args.out / "graph"), vis_fileformat="svg")
+    print("\nWhere to look:")
+    print(f"  graph of the last captured step: {graph}")
+    print(f"  TensorBoard: .venv/bin/tensorboard --logdir {args.out / 'tensorboard'}  (Graphs, Histograms)")
+    print(f"  W&B offline run: {args.out / 'wandb'}  (wandb sync <run folder> uploads it)")
+    print(f"  captures on disk: {args.out / 'lens'}  (.venv/bin/lens inspect {captures[-1]})")
 
 if __name__ == "__main__":
     main()

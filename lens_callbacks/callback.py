@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from lens_callbacks.lens import Lens
 from lens_callbacks.schedule import Schedule
-from lens_callbacks.writers import DiskWriter, Writer
+from lens_callbacks.writers import DiskWriter, TensorBoardWriter, WandbWriter, Writer
 from lens_core.selection import LayerSpec
 
 try:
@@ -91,6 +91,8 @@ class LensCallback(Callback):
         if on_anomaly not in (None, "raise", "skip", "continue"):
             raise ValueError(f"on_anomaly={on_anomaly!r}: use 'raise', 'skip', 'continue' or None.")
         self._writers = None if writers is None else list(writers)
+        self.writers: list[Writer] = []
+        """The writers in use (known from ``setup`` on)."""
         self._log_dir = log_dir
         self._ranks = ranks
         self._last_step: int | None = None
@@ -112,9 +114,10 @@ class LensCallback(Callback):
             return
         options = dict(self._options)
         save_tensors = options.pop("save_tensors")
+        self.writers = self._writers or self._default_writers(trainer, save_tensors)
         self.lens = Lens(
             pl_module,
-            writers=self._writers or self._default_writers(trainer, save_tensors),
+            writers=self.writers,
             grad_scaler=getattr(trainer.precision_plugin, "scaler", None),
             accumulate_grad_batches=trainer.accumulate_grad_batches,
             **options,
@@ -124,13 +127,24 @@ class LensCallback(Callback):
         self.lens.last_step = self._last_step
 
     def _default_writers(self, trainer: Any, save_tensors: bool) -> list[Writer]:
+        """Disk, plus a writer for each of the trainer's TensorBoard and W&B loggers."""
         root = Path(self._log_dir or trainer.log_dir or trainer.default_root_dir) / "lens"
         writers: list[Writer] = [DiskWriter(root, save_tensors=save_tensors, per_rank=self._ranks == "all")]
-        loggers = [type(logger).__name__ for logger in trainer.loggers]
-        if loggers and trainer.global_rank == 0:
+        unserved = []
+        for logger in trainer.loggers:
+            try:
+                writer = TensorBoardWriter.from_logger(logger) or WandbWriter.from_logger(logger)
+            except ImportError as error:  # e.g. a TensorBoardLogger running on tensorboardX only
+                rank_zero_warn(f"LensCallback cannot write to {type(logger).__name__}: {error}")
+                writer = None
+            if writer is None:
+                unserved.append(type(logger).__name__)
+            else:
+                writers.append(writer)
+        if unserved and trainer.global_rank == 0:
             rank_zero_warn(
-                f"LensCallback has no writer for the trainer's loggers ({', '.join(loggers)}) yet; "
-                f"captures go to {root}. Pass writers=[...] to choose."
+                f"LensCallback has no writer for the trainer's loggers ({', '.join(unserved)}); "
+                f"captures go to {root} and the other writers. Pass writers=[...] to choose."
             )
         return writers
 

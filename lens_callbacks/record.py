@@ -42,7 +42,10 @@ class CaptureRecord:
 
     def module_of(self, label: str) -> str:
         """Address of the module a layer ran in (``""`` at top level), for grouping tags."""
-        return self.history[label].module or ""
+        for history in self.histories:  # a layer may run in a later micro-batch only
+            if label in history:
+                return history[label].module or ""
+        return ""
 
 
 def _pooled(histories: Sequence[ModelHistory], gradients: bool) -> dict[str, torch.Tensor]:

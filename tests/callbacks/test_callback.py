@@ -128,6 +128,15 @@ def test_no_writer_for_loggers_is_said_at_setup(tmp_path: Path) -> None:
         warnings.simplefilter("always")
         trainer(tmp_path, [callback], max_steps=1, logger=CSVLogger(tmp_path)).fit(LitCNN(), loader())
     assert any("no writer for the trainer's loggers (CSVLogger)" in str(w.message) for w in caught)
+    assert [type(w).__name__ for w in callback.writers] == ["DiskWriter"]
+
+
+def test_loggers_get_their_writers(tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    callback = LensCallback(every_n_steps=2)
+    trainer(tmp_path, [callback], max_steps=3, logger=TensorBoardLogger(tmp_path)).fit(LitCNN(), loader())
+    assert [type(w).__name__ for w in callback.writers] == ["DiskWriter", "TensorBoardWriter"]
 
 
 def test_bad_arguments_fail_at_construction() -> None:

@@ -219,7 +219,7 @@ def test_all_results_come_back_in_one_transfer() -> None:
     assert "item" not in reads.events
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_cuda_summaries_equal_cpu_ones_and_never_sync_before_the_transfer() -> None:
     tensors = {name: t for name, t in _cases().items() if t.dtype != torch.float64}
     on_gpu = {name: t.detach().cuda() for name, t in tensors.items()}
