@@ -137,11 +137,12 @@ def _captured_train_step(model: nn.Module, x: torch.Tensor) -> tuple[()]:
 def _measure(model: nn.Module, x: torch.Tensor, tl: _TorchLens | None, warmup: int, repeats: int,
              backward: bool) -> list[str]:
     """One table row. Each round runs plain, lens_core, TorchLens in turn; medians of the rounds."""
-    times: dict[str, list[float]] = {"plain": [], "ours": [], "tl": [], "fb": [], "fb_ours": []}
+    times: dict[str, list[float]] = {"plain": [], "ours": [], "meta": [], "tl": [], "fb": [], "fb_ours": []}
     ops = tl_entries = 0
     for i in range(warmup + repeats):
         rnd = {"plain": _timed(model, x)[0]}
         rnd["ours"], ops = _timed(lens_core.log_forward_pass, model, x)  # layers_to_save="all"
+        rnd["meta"] = _timed(lens_core.get_model_metadata, model, x)[0]  # nothing saved or copied
         if backward:
             rnd["fb"] = _timed(_train_step, model, x)[0]
             rnd["fb_ours"] = _timed(_captured_train_step, model, x)[0]
@@ -153,8 +154,9 @@ def _measure(model: nn.Module, x: torch.Tensor, tl: _TorchLens | None, warmup: i
             for key, seconds in rnd.items():
                 times[key].append(seconds)
     plain, ours = statistics.median(times["plain"]), statistics.median(times["ours"])
+    meta = statistics.median(times["meta"])
     row = [str(ops), f"{plain * 1e3:.1f}", f"{ours * 1e3:.1f}", f"{ours / plain:.2f}",
-           f"{(ours - plain) / ops * 1e6:.1f}"]
+           f"{(ours - plain) / ops * 1e6:.1f}", f"{(meta - plain) / ops * 1e6:.1f}"]
     if backward:
         fb, fb_ours = statistics.median(times["fb"]), statistics.median(times["fb_ours"])
         row += [f"{fb * 1e3:.1f}", f"{fb_ours * 1e3:.1f}", f"{fb_ours / fb:.2f}"]
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
 
             tl = _TorchLens(torchlens)
     backward = not args.no_grad
-    head = ["model", "ops", "plain ms", "lens_core ms", "ratio", "us/op"]
+    head = ["model", "ops", "plain ms", "lens_core ms", "ratio", "us/op", "us/op, nothing saved"]
     head += ["fwd+bwd ms", "+ all grads ms", "ratio"] if backward else []
     head += ["TorchLens ms", "ratio", "us/op", "TL entries"] if tl else []
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
@@ -203,19 +205,22 @@ def main(argv: list[str] | None = None) -> None:
             print("| " + " | ".join(rows[-1]) + " |", flush=True)
 
     ours = statistics.median(float(r[5]) for r in rows)
-    tl_col = 11 if backward else 8
+    bare = statistics.median(float(r[6]) for r in rows)
+    tl_col = 12 if backward else 9
     theirs = ""
     if tl:
         theirs = f"TorchLens {tl.version}: {statistics.median(float(r[tl_col]) for r in rows):.1f} us"
     print(
-        f"\nmedian overhead per op: lens_core {ours:.1f} us; {theirs or 'TorchLens not installed'}. "
+        f"\nmedian overhead per op: lens_core {ours:.1f} us (everything saved), {bare:.1f} us (nothing "
+        f"saved); {theirs or 'TorchLens not installed'}. "
         f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads, "
         f"grad {'disabled' if args.no_grad else 'enabled'}, eval mode, medians of {repeats} round(s), "
         f"{'quick inputs' if args.quick else 'batch 2'}, took {time.perf_counter() - started:.0f} s.\n"
         "us/op = (capture median - plain median) / ops, where ops = the layers lens_core recorded; "
         "TorchLens's column uses the same count (its own 'TL entries' also list buffer reads). "
         "fwd+bwd: forward and backward of sum(output); '+ all grads' records every activation "
-        "and its gradient during it."
+        "and its gradient during it. 'nothing saved' is get_model_metadata: interception and "
+        "bookkeeping without keeping or copying any output."
     )
 
 

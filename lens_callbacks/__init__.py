@@ -11,9 +11,12 @@ from typing import Any
 from lens_callbacks.lens import Lens
 from lens_callbacks.record import CaptureRecord
 from lens_callbacks.schedule import Schedule
-from lens_callbacks.writers import DiskWriter, Writer
+from lens_callbacks.writers import DiskWriter, TensorBoardWriter, WandbWriter, Writer
 
-__all__ = ["CaptureRecord", "DiskWriter", "Lens", "LensCallback", "Schedule", "Writer"]
+__all__ = [
+    "CaptureRecord", "DiskWriter", "Lens", "LensCallback", "Schedule", "TensorBoardWriter",
+    "WandbWriter", "Writer",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -175,3 +175,21 @@ def test_selection_that_matches_nothing_fails_at_the_first_capture() -> None:
     with pytest.raises(lc.LayerNotFoundError, match="layers='lstm' matches no layer"), lens.step(0):
         model(torch.randn(2, 1, 8, 8)).sum().backward()
     assert nothing_installed()
+
+
+def test_compiled_modules_run_eagerly_on_captured_steps() -> None:
+    torch.manual_seed(0)
+    model = SmallCNN()
+    compiled = torch.compile(model, backend="eager")
+    writer = ListWriter()
+    lens = Lens(compiled, layers="conv", steps=[1], writers=[writer])
+    outputs = []
+    for step in range(3):
+        with lens.step(step):
+            out = compiled(torch.randn(2, 1, 8, 8))
+            out.sum().backward()
+        outputs.append(out)
+    lens.close()
+    assert writer.steps == [1]
+    assert writer.seen[0].labels == ["conv2d_1_1", "conv2d_2_4"]
+    assert nothing_installed()
