@@ -26,6 +26,7 @@ import lens_core as lc
 from lens_core.graph import GraphNode, ModelGraph, build_graph
 from lens_core.render import RenderError, RenderTimeoutError
 from tests.conftest import require
+from tests.core.test_readme_conformance import SimpleRecurrent
 from tests.core.toy_models import CASES, CASES_BY_NAME, ToyCase
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -44,21 +45,6 @@ def _needs_graphviz_package() -> None:
 
 
 # -- models -------------------------------------------------------------------------------------
-
-
-class SimpleRecurrent(nn.Module):
-    """The TorchLens README's recurrent model."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(in_features=5, out_features=5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for _ in range(4):
-            x = self.fc(x)
-            x = x + 1
-            x = x * 2
-        return x
 
 
 class SmallCNN(nn.Module):
