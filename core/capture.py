@@ -68,6 +68,9 @@ class Capture:
             reaches it. Backward passes add up, like ``.grad``.
         grad_scaler: a ``torch.amp.GradScaler`` whose scaled loss is backpropagated; the
             recorded gradients are divided by its scale, so they are those of the real loss.
+        save_function_args: keep each op's arguments (TorchLens's option), which lets an op be
+            re-run: :meth:`ModelHistory.param_gradients` and validation need it. Costs memory
+            and time; off by default.
     """
 
     def __init__(
@@ -78,8 +81,8 @@ class Capture:
         random_seed: int | None = None,
         gradients: bool = False,
         grad_scaler: Any = None,
+        save_function_args: bool = False,
         _argument: str = "layers",
-        _keep_calls: bool = False,
     ) -> None:
         self.model = _check_model(model)
         if random_seed is not None and (isinstance(random_seed, bool) or not isinstance(random_seed, int)):
@@ -94,7 +97,9 @@ class Capture:
             )
         self.gradients = gradients
         self._unscale = None if grad_scaler is None else grad_scaler.get_scale
-        self._keep_calls = _keep_calls
+        if not isinstance(save_function_args, bool):
+            raise TypeError(f"save_function_args must be True or False, got {save_function_args!r}.")
+        self._keep_calls = save_function_args
         self.argument = _argument  # what the user called `layers`, for error messages
         self.selection = Selection(layers, (name for name, _ in model.named_modules()), _argument)
         self._recorder: Recorder | None = None
@@ -278,6 +283,7 @@ def log_forward_pass(
     random_seed: int | None = None,
     save_gradients: bool = False,
     vis_direction: str = "bottomup",
+    save_function_args: bool = False,
 ) -> ModelHistory:
     """Runs ``model`` once and returns the :class:`ModelHistory` of every op it ran.
 
@@ -300,6 +306,8 @@ def log_forward_pass(
         random_seed: seed set before the pass (see :class:`Capture`).
         save_gradients: record the gradient of each saved layer when a backward pass runs
             later, from the output or from any saved layer (``history.backward(label)``).
+        save_function_args: keep each op's arguments, so that ops can be re-run (per-op
+            parameter gradients: :meth:`ModelHistory.param_gradients`).
 
     Raises:
         LayerNotFoundError: an item of ``layers_to_save`` matched no layer.
@@ -314,7 +322,7 @@ def log_forward_pass(
         check_render_options(vis_opt, vis_nesting_depth, vis_fileformat, vis_direction)
     cap = Capture(
         model, layers_to_save, random_seed=random_seed, gradients=save_gradients,
-        _argument="layers_to_save",
+        save_function_args=save_function_args, _argument="layers_to_save",
     )
     history = run_forward(cap, input_args, input_kwargs)[0]
     if vis_opt != "none":

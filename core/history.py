@@ -11,7 +11,7 @@ import torch
 
 from lens_core._format import format_history
 from lens_core.errors import LayerNotFoundError
-from lens_core.records import Layer
+from lens_core.records import Layer, ParentRef
 
 __all__ = ["ModelHistory"]
 
@@ -190,6 +190,52 @@ class ModelHistory:
         return render.render_graph(
             self, vis_opt, vis_nesting_depth, vis_outpath, vis_fileformat, vis_direction, timeout
         )
+
+    def param_gradients(self, key: str | int) -> dict[str, torch.Tensor]:
+        """This op's own contribution to its parameters' gradients, in this pass.
+
+        ``.grad`` adds up every use of a parameter (a module called twice, a loop); this is the
+        gradient through one op: the op is re-run on its saved inputs and the gradient of its
+        output is backpropagated to the parameters alone. Needs the op's arguments
+        (``save_function_args=True``), its output's ``gradient`` and its parents' outputs.
+
+        Returns:
+            Parameter name -> gradient (parameters the output does not depend on are left out).
+        """
+        layer = self[key]
+        if layer.call is None or layer.func is None or layer.gradient is None:
+            missing = "its arguments (save_function_args=True)" if layer.call is None else (
+                "its gradient (gradients=True, then a backward pass)")
+            raise ValueError(f"history.param_gradients({key!r}): {layer.label} has no {missing}.")
+        names = iter(p.name for p in layer.params)
+        leaves: dict[int, tuple[str, torch.Tensor]] = {}  # id(parameter) -> (name, fresh leaf)
+
+        def resolve(value: Any) -> Any:
+            if isinstance(value, ParentRef):
+                saved = self.layer_list[value.index].tensor_contents
+                if saved is None:
+                    raise ValueError(
+                        f"history.param_gradients({key!r}): its input {self.layer_list[value.index].label} "
+                        "was not saved; save it too (layers_to_save)."
+                    )
+                return saved.detach()
+            if isinstance(value, torch.nn.Parameter):  # named in the order the recorder met them
+                if id(value) not in leaves:
+                    leaves[id(value)] = (next(names), value.detach().requires_grad_())
+                return leaves[id(value)][1]
+            if type(value) in (list, tuple):
+                return type(value)(resolve(v) for v in value)
+            return value
+
+        args = tuple(resolve(a) for a in layer.call.args)
+        kwargs = {k: resolve(v) for k, v in layer.call.kwargs.items()}
+        with torch.enable_grad():
+            out = layer.func(*args, **kwargs)
+            if layer.output_index is not None:
+                out = out[layer.output_index]
+            inputs = [leaf for _, leaf in leaves.values()]
+            grads = torch.autograd.grad(out, inputs, layer.gradient, allow_unused=True)
+        return {name: g for (name, _), g in zip(leaves.values(), grads, strict=True) if g is not None}
 
     # -- model-level facts ---------------------------------------------------------------------
 

@@ -212,7 +212,7 @@ def validation_report(
     user_rng = get_rng_states()
     try:
         captured_model, plain_model = copy.deepcopy(model), copy.deepcopy(model)
-        cap = Capture(captured_model, "all", random_seed=random_seed, _keep_calls=True)
+        cap = Capture(captured_model, "all", random_seed=random_seed, save_function_args=True)
         history, output = run_forward(cap, input_args, input_kwargs)
         report = ValidationReport(history.model_name)
         if random_seed is None:

@@ -214,3 +214,30 @@ def test_history_with_gradients_is_freed_by_reference_counting() -> None:
         assert grad_ref() is None
     finally:
         gc.enable()
+
+
+def test_param_gradients_per_op_and_per_pass_add_up_to_grad() -> None:
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+            self.head = nn.Linear(3, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for _ in range(3):
+                x = torch.tanh(self.fc(x))
+            return self.head(x)
+
+    torch.manual_seed(0)
+    model = Shared()
+    history = lc.log_forward_pass(model, torch.randn(4, 3), save_gradients=True, save_function_args=True)
+    history[-1].tensor_contents.sum().backward()
+    head = history.param_gradients("head")
+    assert set(head) == {"head.weight", "head.bias"}
+    assert torch.allclose(head["head.weight"], model.head.weight.grad)
+    passes = [history.param_gradients(f"fc:{n}") for n in (1, 2, 3)]
+    assert not torch.allclose(passes[0]["fc.weight"], passes[2]["fc.weight"])
+    total = sum(p["fc.weight"] for p in passes)
+    assert torch.allclose(total, model.fc.weight.grad, atol=1e-6)
+    with pytest.raises(ValueError, match="save_function_args=True"):
+        lc.log_forward_pass(model, torch.randn(4, 3), save_gradients=True).param_gradients("head")
