@@ -23,6 +23,10 @@ _MUTATING_DUNDERS = frozenset(
     {name for name in _DUNDER_ALIASES if name.startswith("__i")} | {"__setitem__"}
 )
 
+# Property getters that hand out a tensor the op did not compute (``p.grad``, ``x.data``):
+# reading one is not an operation of the model (optimizers read ``.grad`` of every parameter).
+_ACCESSORS = frozenset({"grad", "data", "_base"})
+
 MUTATES_NOTHING = -1
 MUTATES_FIRST_ARG = -2
 
@@ -35,14 +39,16 @@ class OpInfo:
         func_name: the callable's own name (``conv2d``, ``relu_``, ``__getitem__``).
         mutates: ``MUTATES_NOTHING``, ``MUTATES_FIRST_ARG``, or the position of an
             ``inplace`` flag (``F.relu(x, inplace=True)``) that makes it write into its input.
+        records: False for accessors that compute nothing (``x.grad``): never a layer.
     """
 
-    __slots__ = ("func_name", "mutates", "type_name")
+    __slots__ = ("func_name", "mutates", "records", "type_name")
 
-    def __init__(self, func_name: str, type_name: str, mutates: int) -> None:
+    def __init__(self, func_name: str, type_name: str, mutates: int, records: bool = True) -> None:
         self.func_name = func_name
         self.type_name = type_name
         self.mutates = mutates
+        self.records = records
 
     def mutated_tensor(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The tensor (or list of tensors) this call writes into, or None."""
@@ -82,6 +88,8 @@ def _inplace_flag_position(func: Callable[..., Any]) -> int:
 def describe(func: Callable[..., Any]) -> OpInfo:
     """Works out the :class:`OpInfo` of a torch callable (callers cache the result)."""
     func_name = _func_name(func)
+    if func_name in _ACCESSORS and getattr(func, "__name__", "") == "__get__":
+        return OpInfo(func_name, func_name, MUTATES_NOTHING, records=False)
     is_dunder = func_name.startswith("__") and func_name.endswith("__")
     if func_name in _MUTATING_DUNDERS or (func_name.endswith("_") and not is_dunder):
         mutates = MUTATES_FIRST_ARG

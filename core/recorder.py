@@ -151,6 +151,8 @@ class Recorder(TorchFunctionMode):
         info = _OP_INFO.get(func)
         if info is None:
             info = _OP_INFO[func] = describe(func)
+        if not info.records:
+            return func(*args, **kwargs)
         mutated = None
         if info.mutates != MUTATES_NOTHING or kwargs:
             mutated = info.mutated_tensor(args, kwargs)

@@ -278,3 +278,16 @@ def test_func_call_stack_points_at_the_calling_line() -> None:
     assert frame.call_fname == __file__
     assert frame.function == "forward"
     assert "the recorded call site" in "".join(frame.code_context)
+
+
+def test_reading_grad_or_data_is_not_an_operation(net: Net) -> None:
+    net(torch.randn(2, 4)).sum().backward()
+    with lc.capture(net) as cap:
+        for param in net.parameters():  # what an optimizer's zero_grad does
+            if param.grad is not None:
+                param.grad.data.zero_()
+        net(torch.randn(2, 4))
+    types = {layer.layer_type for layer in cap.history}
+    assert "grad" not in types
+    assert "data" not in types
+    assert "zero" in types  # the in-place zeroing itself is an op
