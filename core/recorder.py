@@ -353,7 +353,8 @@ class Recorder(TorchFunctionMode):
         key = _storage_key(tensor)
         if key is not None:
             self._saved_by_storage.setdefault(key, []).append(entry)
-            self.saved_versions[entry.index] = tensor._version
+            if not tensor.is_inference():  # inference tensors keep no version counter
+                self.saved_versions[entry.index] = tensor._version
 
     # -- inputs, outputs and modules ---------------------------------------------------------
 

@@ -149,10 +149,11 @@ class LensCallback(Callback):
         return writers
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        # Flush, not close: the same writers serve a later stage (fit, then test); each write
+        # is complete when it returns, and writers you built yourself are yours to close.
         if self.lens is not None:
+            self.lens.flush()
             self._last_step = self.lens.last_step
-            self.lens.close()
-            self.lens = None
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         if self.lens is not None:

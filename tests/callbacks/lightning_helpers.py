@@ -28,6 +28,9 @@ class LitCNN(pl.LightningModule):
         self.losses.append(loss.item())
         return loss
 
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, y = (batch["image"], batch["label"]) if self.dict_batches else batch
         F.cross_entropy(self(x), y)

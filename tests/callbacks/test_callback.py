@@ -144,3 +144,13 @@ def test_bad_arguments_fail_at_construction() -> None:
         LensCallback(ranks="one")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="every_n_steps=-2"):
         LensCallback(every_n_steps=-2)
+
+
+def test_fit_then_test_reuses_the_writers(tmp_path: Path) -> None:
+    writer = ListWriter()
+    callback = LensCallback(every_n_steps=2, stages=["train", "test"], writers=[writer])
+    run = trainer(tmp_path, [callback])
+    model = LitCNN()
+    run.fit(model, loader())
+    run.test(model, loader(8))
+    assert [(seen.stage, seen.step) for seen in writer.seen] == [("train", 0), ("train", 2), ("test", 4)]

@@ -291,3 +291,12 @@ def test_reading_grad_or_data_is_not_an_operation(net: Net) -> None:
     assert "grad" not in types
     assert "data" not in types
     assert "zero" in types  # the in-place zeroing itself is an op
+
+
+def test_inference_mode(net: Net) -> None:
+    x = torch.randn(3, 4)
+    with torch.inference_mode():
+        history = lc.log_forward_pass(net.eval(), x)
+        expected = net(x)
+    assert torch.equal(history[-1].tensor_contents, expected)
+    assert (history["fc1"].tensor_contents < 0).any()  # copied before the in-place ReLU
