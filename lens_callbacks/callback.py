@@ -58,6 +58,8 @@ class LensCallback(Callback):
             the first op that produced a non-finite value, to the console and the writers; then
             ``"raise"`` (stop training), ``"skip"`` (drop the step's gradients so the optimizer
             leaves the parameters alone) or ``"continue"``. None (default) checks nothing.
+        check_gradients: with ``on_anomaly``, also check the parameters' gradients after each
+            backward, and report the op whose backward made them non-finite.
 
     Raises:
         ValueError / TypeError: a bad argument, named with the fix.
@@ -78,6 +80,7 @@ class LensCallback(Callback):
         ranks: Literal["zero", "all"] = "zero",
         strict: bool = False,
         on_anomaly: Literal["raise", "skip", "continue"] | None = None,
+        check_gradients: bool = False,
     ) -> None:
         super().__init__()
         if ranks not in ("zero", "all"):
@@ -86,10 +89,12 @@ class LensCallback(Callback):
         self._options: dict[str, Any] = {
             "layers": layers, "every_n_steps": every_n_steps, "steps": steps, "when": when,
             "stages": stages, "save_tensors": save_tensors, "bins": bins, "strict": strict,
-            "on_anomaly": on_anomaly,
+            "on_anomaly": on_anomaly, "check_gradients": check_gradients,
         }
         if on_anomaly not in (None, "raise", "skip", "continue"):
             raise ValueError(f"on_anomaly={on_anomaly!r}: use 'raise', 'skip', 'continue' or None.")
+        if check_gradients and on_anomaly is None:
+            raise ValueError("check_gradients=True needs on_anomaly='raise', 'skip' or 'continue'.")
         self._writers = None if writers is None else list(writers)
         self.writers: list[Writer] = []
         """The writers in use (known from ``setup`` on)."""
@@ -186,6 +191,12 @@ class LensCallback(Callback):
         if self._batch is not None:
             batch, batch_idx = self._batch
             report = self.lens.check(loss, lambda: pl_module.training_step(batch, batch_idx))
+            self._skip_step |= report is not None and self.lens.on_anomaly == "skip"
+
+    def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
+        if self.lens is not None and self._batch is not None and self.lens.check_gradients_enabled:
+            batch, batch_idx = self._batch
+            report = self.lens.check_gradients(lambda: pl_module.training_step(batch, batch_idx))
             self._skip_step |= report is not None and self.lens.on_anomaly == "skip"
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:

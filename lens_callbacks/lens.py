@@ -70,6 +70,9 @@ class Lens:
             replay the step under a full capture and report the first op that went non-finite
             (console, writers), then ``"raise"`` :class:`AnomalyError`, or return the report
             (``"skip"``: your loop skips the optimizer step; ``"continue"``). None: no check.
+        check_gradients: also check the parameters' gradients after the backward
+            (:meth:`check_gradients`, one more scalar check) and, when the loss was finite
+            but they are not, report the op whose backward made them non-finite.
     """
 
     def __init__(
@@ -89,6 +92,7 @@ class Lens:
         accumulate_grad_batches: int = 1,
         strict: bool = False,
         on_anomaly: Literal["raise", "skip", "continue"] | None = None,
+        check_gradients: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -110,6 +114,12 @@ class Lens:
         if on_anomaly not in (None, "raise", "skip", "continue"):
             raise ValueError(f"on_anomaly={on_anomaly!r}: use 'raise', 'skip', 'continue' or None.")
         self.on_anomaly = on_anomaly
+        if not isinstance(check_gradients, bool) or (check_gradients and on_anomaly is None):
+            raise ValueError(
+                f"check_gradients={check_gradients!r}: use True or False, and True only with an "
+                "on_anomaly action ('raise', 'skip' or 'continue')."
+            )
+        self.check_gradients_enabled = check_gradients
         self.bins = bins
         self.grad_scaler = grad_scaler
         self.accumulate_grad_batches = accumulate_grad_batches
@@ -164,13 +174,32 @@ class Lens:
         """
         if self.on_anomaly is None or not self.enabled or bool(torch.isfinite(loss.detach()).all()):
             return None
+        return self._anomaly(replay, gradients=False, what="the loss is not finite")
+
+    def check_gradients(self, replay: Callable[[], Any]) -> AnomalyReport | None:
+        """After the backward: explains non-finite parameter gradients (``check_gradients``).
+
+        Args:
+            replay: recomputes the loss from the same batch (see :meth:`check`).
+
+        Raises:
+            AnomalyError: with ``on_anomaly="raise"``, when a gradient is not finite.
+        """
+        if not (self.check_gradients_enabled and self.enabled):
+            return None
+        grads = [p.grad.detach() for p in self.model.parameters() if p.grad is not None]
+        if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            return None
+        return self._anomaly(replay, gradients=True, what="parameter gradients are not finite")
+
+    def _anomaly(self, replay: Callable[[], Any], gradients: bool, what: str) -> AnomalyReport | None:
         self.end_micro_batch()  # the replay needs the one capture a process can run
-        report = investigate(self.model, replay, self._step_rng, step=self._step)
+        report = investigate(self.model, replay, self._step_rng, step=self._step, gradients=gradients)
         message = str(report) if report is not None else (
-            f"step {self._step}: the loss is not finite, but every op of the replay was: the "
-            "non-finite value came from outside the ops recorded (the batch itself?)"
+            f"step {self._step}: {what}, but every op of the replay was finite: the non-finite "
+            "value came from outside the ops recorded (the batch itself?)"
         )
-        warnings.warn(f"lens_callbacks: {message}", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"lens_callbacks: {message}", RuntimeWarning, stacklevel=3)
         if report is not None:
             self._write_anomaly(report)
         if self.on_anomaly == "raise":

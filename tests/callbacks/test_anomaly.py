@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -145,3 +146,53 @@ def test_lightning_raise(tmp_path: Path) -> None:
     with pytest.raises(lc.AnomalyError), pytest.warns(RuntimeWarning):
         trainer(tmp_path, [LensCallback(steps=[], on_anomaly="raise")]).fit(LitFragile(), loader())
     assert nothing_installed()
+
+
+def test_plain_loop_gradient_check() -> None:
+    from tests.core.test_forensics import NormOfZeroRow
+
+    torch.manual_seed(0)
+    model = NormOfZeroRow()
+    lens = Lens(model, steps=[], on_anomaly="skip", check_gradients=True, writers=[])
+    reports = []
+    for step in range(3):
+        x = torch.randn(4, 4)
+        if step == 1:
+            x[2] = 0.0
+        with lens.step(step):
+            loss = model(x)
+            assert lens.check(loss, replay=lambda x=x: model(x)) is None  # the loss is finite
+            loss.backward()
+            with pytest.warns(RuntimeWarning, match="backward of sqrt") if step == 1 else nullcontext():
+                reports.append(lens.check_gradients(replay=lambda x=x: model(x)))
+        model.zero_grad()
+    assert [r is not None for r in reports] == [False, True, False]
+    with pytest.raises(ValueError, match="check_gradients=True"):
+        Lens(model, check_gradients=True)
+    with pytest.raises(ValueError, match="check_gradients=True needs on_anomaly"):
+        LensCallback(check_gradients=True)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_lightning_gradient_check_skips_the_step(tmp_path: Path) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from tests.core.test_forensics import NormOfZeroRow
+
+    class LitNorm(LitCNN):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = NormOfZeroRow()  # type: ignore[assignment]
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.net(batch[0])
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 4)
+    x[9] = 0.0  # in the third batch of 4
+    model = LitNorm()
+    callback = LensCallback(steps=[], on_anomaly="skip", check_gradients=True, log_dir=tmp_path)
+    with pytest.warns(RuntimeWarning, match="backward of sqrt"):
+        trainer(tmp_path, [callback], max_steps=4).fit(model, DataLoader(TensorDataset(x), batch_size=4))
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # the broken step was skipped
+    assert (tmp_path / "lens" / "step_000002" / "anomaly.json").exists()

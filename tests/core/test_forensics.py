@@ -124,3 +124,38 @@ def test_the_replay_changes_nothing_and_reproduces_random_ops() -> None:
         assert torch.equal(value, buffers[key]), key
     # same dropout mask: the replayed log saw exactly the NaNs the real step produced
     assert report.nan_count == int(first.isnan().sum())
+
+
+class NormOfZeroRow(nn.Module):
+    """Finite forward, finite loss; the backward of sqrt at 0 is infinite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        squares = self.fc(x).pow(2).sum(1)
+        return torch.sqrt(squares).sum()  # BACKWARD BLOWS UP: sqrt at 0
+
+
+def test_the_op_whose_backward_broke_the_gradients() -> None:
+    torch.manual_seed(0)
+    model = NormOfZeroRow()
+    x = torch.randn(4, 4)
+    x[1] = 0.0  # a row of zeros: its norm is 0
+    loss = model(x)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert not torch.isfinite(model.fc.weight.grad).all()
+    grad_before = model.fc.weight.grad.clone()
+    assert lc.investigate(model, lambda: model(x)) is None  # nothing non-finite going forward
+    report = lc.investigate(model, lambda: model(x), gradients=True)
+    assert report is not None
+    assert report.func_name == "sqrt"
+    assert report.gradient_of is not None
+    assert report.gradient_of.startswith("sum_")
+    assert report.line == line_of("BACKWARD BLOWS UP")
+    assert report.inf_count == 1
+    assert "the backward of sqrt_1_" in report.headline
+    assert str(report).startswith("Non-finite gradients first appeared")
+    assert torch.equal(model.fc.weight.grad.nan_to_num(), grad_before.nan_to_num())  # .grad untouched
