@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
-from lens_callbacks.lens import Lens
+from lens_callbacks.lens import Lens, check_anomaly_options
 from lens_callbacks.schedule import Schedule
 from lens_callbacks.writers import DiskWriter, TensorBoardWriter, WandbWriter, Writer
 from lens_core.selection import LayerSpec
@@ -91,10 +91,7 @@ class LensCallback(Callback):
             "stages": stages, "save_tensors": save_tensors, "bins": bins, "strict": strict,
             "on_anomaly": on_anomaly, "check_gradients": check_gradients,
         }
-        if on_anomaly not in (None, "raise", "skip", "continue"):
-            raise ValueError(f"on_anomaly={on_anomaly!r}: use 'raise', 'skip', 'continue' or None.")
-        if check_gradients and on_anomaly is None:
-            raise ValueError("check_gradients=True needs on_anomaly='raise', 'skip' or 'continue'.")
+        check_anomaly_options(on_anomaly, check_gradients)
         self._writers = None if writers is None else list(writers)
         self.writers: list[Writer] = []
         """The writers in use (known from ``setup`` on)."""

@@ -26,6 +26,16 @@ from lens_core.selection import LayerSpec, Selection
 __all__ = ["Lens"]
 
 
+def check_anomaly_options(on_anomaly: object, check_gradients: object) -> None:
+    """Validates ``on_anomaly`` and ``check_gradients`` (shared with ``LensCallback``)."""
+    if on_anomaly not in (None, "raise", "skip", "continue"):
+        raise ValueError(f"on_anomaly={on_anomaly!r}: use 'raise', 'skip', 'continue' or None.")
+    if not isinstance(check_gradients, bool):
+        raise TypeError(f"check_gradients={check_gradients!r}: use True or False.")
+    if check_gradients and on_anomaly is None:
+        raise ValueError("check_gradients=True needs on_anomaly='raise', 'skip' or 'continue'.")
+
+
 @dataclass
 class _Pending:
     """The micro-batches captured so far for one step."""
@@ -111,14 +121,8 @@ class Lens:
         for writer in self.writers:
             if not isinstance(writer, Writer):
                 raise TypeError(f"writers holds {writer!r}, which has no write(record) and close() methods.")
-        if on_anomaly not in (None, "raise", "skip", "continue"):
-            raise ValueError(f"on_anomaly={on_anomaly!r}: use 'raise', 'skip', 'continue' or None.")
+        check_anomaly_options(on_anomaly, check_gradients)
         self.on_anomaly = on_anomaly
-        if not isinstance(check_gradients, bool) or (check_gradients and on_anomaly is None):
-            raise ValueError(
-                f"check_gradients={check_gradients!r}: use True or False, and True only with an "
-                "on_anomaly action ('raise', 'skip' or 'continue')."
-            )
         self.check_gradients_enabled = check_gradients
         self.bins = bins
         self.grad_scaler = grad_scaler
