@@ -49,13 +49,23 @@ class ModelIndex:
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> ModelIndex:
-        modules = {id(m): name for name, m in model.named_modules()}
-        types = {name: type(m).__name__ for name, m in model.named_modules() if name}
-        params = {
-            id(p): ParamInfo(name, tuple(p.shape), p.numel(), p.numel() * p.element_size())
-            for name, p in model.named_parameters()
-        }
-        buffers = {id(b): name for name, b in model.named_buffers()}
+        """One walk over the modules (it runs at every capture), named as ``named_*`` name them."""
+        modules: dict[int, str] = {}
+        types: dict[str, str] = {}
+        params: dict[int, ParamInfo] = {}
+        buffers: dict[int, str] = {}
+        for address, module in model.named_modules():
+            modules[id(module)] = address
+            if address:
+                types[address] = type(module).__name__
+            prefix = f"{address}." if address else ""
+            for name, p in module._parameters.items():
+                if p is not None and id(p) not in params:  # a shared parameter keeps its first name
+                    numel = p.numel()
+                    params[id(p)] = ParamInfo(prefix + name, tuple(p.shape), numel, numel * p.element_size())
+            for name, b in module._buffers.items():
+                if b is not None and id(b) not in buffers:
+                    buffers[id(b)] = prefix + name
         return cls(modules, types, params, buffers)
 
 

@@ -300,3 +300,21 @@ def test_inference_mode(net: Net) -> None:
         expected = net(x)
     assert torch.equal(history[-1].tensor_contents, expected)
     assert (history["fc1"].tensor_contents < 0).any()  # copied before the in-place ReLU
+
+
+def test_model_index_names_parameters_and_buffers_as_torch_does() -> None:
+    from lens_core.records import ModelIndex
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(10, 4)
+            self.body = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+            self.head = nn.Linear(4, 10, bias=False)
+            self.head.weight = self.embed.weight  # tied: torch names it once, where first met
+
+    model = Tied()
+    index = ModelIndex.of(model)
+    assert {i: p.name for i, p in index.params.items()} == {id(p): n for n, p in model.named_parameters()}
+    assert index.buffers == {id(b): n for n, b in model.named_buffers()}
+    assert index.module_types == {n: type(m).__name__ for n, m in model.named_modules() if n}
