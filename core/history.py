@@ -278,8 +278,10 @@ class ModelHistory:
 
     @property
     def is_branching(self) -> bool:
-        """Whether some layer's output fed more than one later layer."""
-        return any(len(layer.children) > 1 for layer in self.layer_list)
+        """Whether some layer's output fed more than one later op (output layers do not count:
+        a model output that also feeds the loss is not a branch of the model)."""
+        outputs = set(self.output_layers)
+        return any(len([c for c in layer.children if c not in outputs]) > 1 for layer in self.layer_list)
 
     @property
     def module_hierarchy(self) -> dict[str, list[str]]:

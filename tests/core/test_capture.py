@@ -318,3 +318,16 @@ def test_model_index_names_parameters_and_buffers_as_torch_does() -> None:
     assert {i: p.name for i, p in index.params.items()} == {id(p): n for n, p in model.named_parameters()}
     assert index.buffers == {id(b): n for n, b in model.named_buffers()}
     assert index.module_types == {n: type(m).__name__ for n, m in model.named_modules() if n}
+
+
+def test_an_output_that_feeds_the_loss_is_not_a_branch(net: Net) -> None:
+    x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    with lc.capture(net) as cap:
+        F.cross_entropy(net(x), y)
+    assert not cap.history.is_branching
+
+    class Fork(nn.Module):
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return t.sin() + t.cos()
+
+    assert lc.get_model_metadata(Fork(), torch.randn(3)).is_branching
