@@ -90,6 +90,7 @@ class Recorder(TorchFunctionMode):
         self.module_calls: dict[str, int] = {}
         self._selection = selection
         self._save_all = selection.everything
+        self._save_none = selection.is_empty  # metadata only: no per-op selection test
         self._thread = threading.get_ident()
         self.index = index
         self._addresses = index.modules
@@ -341,7 +342,7 @@ class Recorder(TorchFunctionMode):
         self.entries.append(entry)
         if produces:
             self._producers[id(out)] = (weakref.ref(out), entry)
-        if self._save_all or self._selection.keep_at_op(entry):
+        if self._save_all or (not self._save_none and self._selection.keep_at_op(entry)):
             self._save(entry, out)
         return entry
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lens_core import ModelHistory
+from lens_core import Layer, ModelHistory
 from lens_core.summaries import TensorSummary, summarize
 
 __all__ = ["CaptureRecord", "build_record"]
@@ -40,12 +40,16 @@ class CaptureRecord:
         """The history of the (first) micro-batch."""
         return self.histories[0]
 
-    def module_of(self, label: str) -> str:
-        """Address of the module a layer ran in (``""`` at top level), for grouping tags."""
-        for history in self.histories:  # a layer may run in a later micro-batch only
+    def layer(self, label: str) -> Layer | None:
+        """The layer called ``label`` in the first micro-batch that ran it.
+
+        A layer may run in a later micro-batch only (data-dependent control flow), so all are
+        searched; writers use it to group a summary under its module.
+        """
+        for history in self.histories:
             if label in history:
-                return history[label].module or ""
-        return ""
+                return history[label]
+        return None
 
 
 def _pooled(histories: Sequence[ModelHistory], gradients: bool) -> dict[str, torch.Tensor]:

@@ -206,15 +206,11 @@ class TensorBoardWriter:
 def _layer_path(record: CaptureRecord, label: str) -> str:
     """``features.6/conv2d_3_7``: the module the op ran in, as in the graph's scopes.
 
-    Inputs and outputs are at top level (they come from or go to outside the model). A label
-    may exist in a later micro-batch only (data-dependent control flow), so all are searched.
+    Inputs and outputs ran in no module: they sit at top level.
     """
-    for history in record.histories:
-        if label in history:
-            layer = history[label]
-            module = None if layer.is_input or layer.is_output else layer.module
-            return f"{module}/{label}" if module else label
-    return label
+    layer = record.layer(label)
+    module = layer.module if layer is not None else None
+    return f"{module}/{label}" if module else label
 
 
 def _write_histogram(experiment: Any, tag: str, summary: TensorSummary, step: int) -> None:

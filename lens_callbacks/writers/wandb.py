@@ -298,11 +298,10 @@ def _layer_summaries(record: CaptureRecord) -> Iterator[tuple[str, str, str, Ten
 
 def _layer_facts(record: CaptureRecord, label: str) -> tuple[str, str, str]:
     """Module address (``""`` at top level), op type and shape of the layer ``label``."""
-    for history in record.histories:  # micro-batches of a dynamic model may run different ops
-        if label in history:
-            layer = history[label]
-            return layer.module or "", layer.layer_type, str(tuple(layer.shape))
-    return "", "", ""
+    layer = record.layer(label)
+    if layer is None:
+        return "", "", ""
+    return layer.module or "", layer.layer_type, str(tuple(layer.shape))
 
 
 def _put_histogram(wandb: ModuleType, data: dict[str, Any], key: str, summary: TensorSummary) -> None:
