@@ -46,7 +46,8 @@ class LensCallback(Callback):
             default every 100th training step. Validation, test and predict capture the first
             batch of a due step when their stage is listed; the sanity check only when
             ``"sanity_check"`` is.
-        writers: where captures go; by default a disk writer in ``<log_dir>/lens``.
+        writers: where captures go; by default a disk writer in ``<log_dir>/lens`` (plus one
+            per TensorBoard or W&B logger of the trainer). ``[]``: nowhere.
         log_dir: root of the default disk writer (default: the trainer's ``log_dir``).
         save_tensors: also save full tensors to disk.
         bins: histogram bins.
@@ -116,7 +117,7 @@ class LensCallback(Callback):
             return
         options = dict(self._options)
         save_tensors = options.pop("save_tensors")
-        self.writers = self._writers or self._default_writers(trainer, save_tensors)
+        self.writers = self._default_writers(trainer, save_tensors) if self._writers is None else self._writers
         self.lens = Lens(
             pl_module,
             writers=self.writers,

@@ -139,6 +139,14 @@ def test_loggers_get_their_writers(tmp_path: Path) -> None:
     assert [type(w).__name__ for w in callback.writers] == ["DiskWriter", "TensorBoardWriter"]
 
 
+
+def test_an_empty_writer_list_writes_nowhere(tmp_path: Path) -> None:
+    callback = LensCallback(every_n_steps=1, writers=[])
+    trainer(tmp_path, [callback], max_steps=2).fit(LitCNN(), loader())
+    assert callback.writers == []
+    assert callback.lens is not None and callback.lens.last_step == 1  # captured all the same
+    assert not list(tmp_path.rglob("summaries.json"))
+
 def test_bad_arguments_fail_at_construction() -> None:
     with pytest.raises(ValueError, match="ranks='one'"):
         LensCallback(ranks="one")  # type: ignore[arg-type]
