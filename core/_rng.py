@@ -7,7 +7,7 @@ import torch
 
 def get_rng_states() -> dict[str, torch.Tensor]:
     states = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+    if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]  # (then it is available too)
         for index in range(torch.cuda.device_count()):
             states[f"cuda:{index}"] = torch.cuda.get_rng_state(index)
     return states

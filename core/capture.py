@@ -8,6 +8,7 @@ forward pass under a capture and return its :class:`ModelHistory`.
 from __future__ import annotations
 
 import difflib
+import gc
 import sys
 import threading
 import warnings
@@ -106,6 +107,7 @@ class Capture:
         self._history: ModelHistory | None = None
         self._rng_states: dict[str, Any] = {}
         self._started_at = 0.0
+        self._gc_paused = False
 
     @property
     def history(self) -> ModelHistory:
@@ -137,6 +139,10 @@ class Capture:
                     "block or call stop()) first."
                 )
             _active = self
+        # A capture makes thousands of small objects that all live on in the history; the
+        # collector's passes over them during the pass are wasted, so it waits until stop().
+        self._gc_paused = gc.isenabled()
+        gc.disable()
         try:
             self._history = None
             self._rng_states = get_rng_states()
@@ -151,8 +157,14 @@ class Capture:
         except BaseException:
             self._recorder = None
             _active = None
+            self._resume_gc()
             raise
         return self
+
+    def _resume_gc(self) -> None:
+        if self._gc_paused:
+            self._gc_paused = False
+            gc.enable()
 
     def stop(self, *, strict: bool = True) -> ModelHistory:
         """Stops recording and builds the history.
@@ -168,7 +180,10 @@ class Capture:
             self._recorder = None
             _active = None
         elapsed = perf_counter() - self._started_at
-        self._history = _build_history(self, recorder, elapsed, strict)
+        try:
+            self._history = _build_history(self, recorder, elapsed, strict)
+        finally:
+            self._resume_gc()
         return self._history
 
     def __enter__(self) -> Capture:
@@ -196,40 +211,46 @@ capture = Capture
 def _build_history(cap: Capture, recorder: Recorder, elapsed: float, strict: bool) -> ModelHistory:
     entries = recorder.entries
     passes = recorder.layer_pass_counts()
+    layer_labels: dict[int, str] = {}  # one string per layer, shared by its passes
     for entry in entries:
         entry.num_passes = passes[entry.layer_index]
-        entry.layer_label = f"{entry.layer_type}_{entry.type_index}_{entry.layer_index}"
-        entry.label = entry.layer_label + (f":{entry.pass_num}" if entry.num_passes > 1 else "")
+        label = layer_labels.get(entry.layer_index)
+        if label is None:
+            label = f"{entry.layer_type}_{entry.type_index}_{entry.layer_index}"
+            layer_labels[entry.layer_index] = label
+        entry.layer_label = label
+        entry.label = f"{label}:{entry.pass_num}" if entry.num_passes > 1 else label
     children: list[list[str]] = [[] for _ in entries]
     for entry in entries:
-        parents = dict.fromkeys(entry.parent_indices)
-        entry.parents = tuple(entries[i].label for i in parents)
+        parents = entry.parent_indices
+        if len(parents) > 1:  # x + x reads one parent twice
+            parents = list(dict.fromkeys(parents))
+        entry.parents = tuple([entries[i].label for i in parents])
         for parent in parents:
             children[parent].append(entry.label)
     for entry, labels in zip(entries, children, strict=True):
         entry.children = tuple(labels)
 
     selection = cap.selection
-    matched: list[Any] = []
-    for entry in entries:
-        if entry.tensor_contents is None:
-            continue
-        version = recorder.saved_versions.get(entry.index)
-        if version is not None and entry.tensor_contents._version != version:
+    for position, version in recorder.saved_versions.items():
+        saved = entries[position].saved_tensor
+        if saved is not None and saved._version != version:
             warnings.warn(
-                f"The output of {entry.label} was changed in place after it was saved, by an op "
-                "lens_core did not see as in-place; its tensor_contents may hold the later value.",
+                f"The output of {entries[position].label} was changed in place after it was saved, by "
+                "an op lens_core did not see as in-place; its tensor_contents may hold the later value.",
                 RuntimeWarning,
                 stacklevel=3,
             )
-    for entry in entries:
-        found = selection.matched_items(entry, len(entries)) if not selection.is_empty else []
-        matched += found
-        if not found:
-            entry.tensor_contents = None
-            if entry.gradient_slot is not None:
-                entry.gradient_slot.detach()
-                entry.gradient_slot = None
+    matched: list[Any] = []
+    if not (selection.everything or selection.is_empty):  # drop what was held only in case
+        for entry in entries:
+            found = selection.matched_items(entry, len(entries))
+            matched += found
+            if not found:
+                entry.tensor_contents = None
+                if entry.gradient_slot is not None:
+                    entry.gradient_slot.detach()
+                    entry.gradient_slot = None
     unmatched = [
         item for item in selection.items
         if not callable(item) and not any(item is m or item == m for m in matched)

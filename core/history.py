@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import sys
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,29 +50,38 @@ class ModelHistory:
     rng_states: dict[str, Any] = field(repr=False)
     """RNG states (``cpu``, ``cuda:N``) at the start of the capture, to replay random ops."""
     elapsed_time: float
-    _lookup: dict[str, Layer | list[str]] = field(init=False, repr=False)
+    _lookup: dict[str, Layer | list[Layer]] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        # Every string key with the layers it names; a key naming one layer indexes it.
-        named: dict[str, list[Layer]] = {}
+        # The lookup table is built when first needed: a training capture may never index by name.
+        owner = weakref.ref(self)
         for layer in self.layer_list:
-            short = f"{layer.layer_type}_{layer.type_index}"
-            keys = [layer.label, f"{layer.layer_label}:{layer.pass_num}", layer.layer_label,
-                    short, f"{short}:{layer.pass_num}"]
-            for tag in layer.output_of_modules:
-                keys += (tag, tag.rpartition(":")[0])
-            for key in keys:
-                same = named.setdefault(key, [])
-                if not same or same[-1] is not layer:
-                    same.append(layer)
-        self._lookup = {k: v[0] if len(v) == 1 else [x.label for x in v] for k, v in named.items()}
+            layer.history_ref = owner
+
+    def __del__(self) -> None:
+        # A layer that outlives its history still answers lookup_keys: work them out now if
+        # anything besides this history holds a layer (the list, the loop and the call hold 3).
+        if self._lookup is None and any(sys.getrefcount(layer) > 3 for layer in self.layer_list):
+            self._build_lookup()
+
+    @property
+    def lookup(self) -> dict[str, Layer | list[Layer]]:
+        """Every string key with the layer it names, or the layers when it names several."""
+        if self._lookup is None:
+            self._build_lookup()
+            assert self._lookup is not None
+        return self._lookup
+
+    def _build_lookup(self) -> None:
+        """The lookup table, and each layer's :attr:`~Layer.lookup_keys` (the keys naming it alone)."""
+        lookup = self._lookup = _lookup_table(self.layer_list)
         count = len(self.layer_list)
         for layer in self.layer_list:
             keys = [layer.label, f"{layer.layer_label}:{layer.pass_num}"]
             for tag in reversed(layer.output_of_modules):  # outermost module first
                 keys += (tag.rpartition(":")[0], tag)
-            unique = [key for key in dict.fromkeys(keys) if self._lookup[key] is layer]
-            layer.lookup_keys = (layer.index - count, layer.index, *unique)
+            unique = [key for key in dict.fromkeys(keys) if lookup[key] is layer]
+            layer.keys = (layer.index - count, layer.index, *unique)
 
     # -- indexing ------------------------------------------------------------------------------
 
@@ -87,15 +98,16 @@ class ModelHistory:
                 f"history[{key}]: ordinal out of range; this history has {len(self)} layers "
                 f"(valid: {-len(self)} to {len(self) - 1})."
             )
-        found = self._lookup.get(key)
+        found = self.lookup.get(key)
         if isinstance(found, Layer):
             return found
         if found is not None:
+            labels = [layer.label for layer in found]
             raise LayerNotFoundError(
                 f"history[{key!r}] is ambiguous: it names {len(found)} layers "
-                f"({', '.join(found)}). Index one of them, e.g. history[{found[0]!r}]."
+                f"({', '.join(labels)}). Index one of them, e.g. history[{labels[0]!r}]."
             )
-        close = difflib.get_close_matches(key, list(self._lookup), n=5, cutoff=0.5)
+        close = difflib.get_close_matches(key, list(self.lookup), n=5, cutoff=0.5)
         hint = f" Closest: {', '.join(close)}." if close else ""
         raise LayerNotFoundError(
             f"history[{key!r}]: no layer or module has that name.{hint} All layers are in "
@@ -105,7 +117,7 @@ class ModelHistory:
     def __contains__(self, key: object) -> bool:
         if isinstance(key, int) and not isinstance(key, bool):
             return -len(self) <= key < len(self)
-        return isinstance(key, str) and isinstance(self._lookup.get(key), Layer)
+        return isinstance(key, str) and isinstance(self.lookup.get(key), Layer)
 
     def __len__(self) -> int:
         return len(self.layer_list)
@@ -293,3 +305,23 @@ class ModelHistory:
             if address != top:
                 tree[top].append(address)
         return tree
+
+
+def _lookup_table(layers: list[Layer]) -> dict[str, Layer | list[Layer]]:
+    """Labels (with and without pass and overall number) and module calls -> the layers they name."""
+    named: dict[str, Layer | list[Layer]] = {}
+    for layer in layers:
+        label, short = layer.layer_label, f"{layer.layer_type}_{layer.type_index}"
+        number = f":{layer.pass_num}"
+        keys = [label, label + number, short, short + number]
+        for tag in layer.output_of_modules:
+            keys += (tag, tag.rpartition(":")[0])
+        for key in keys:
+            same = named.setdefault(key, layer)
+            if same is layer:
+                continue
+            if isinstance(same, Layer):
+                named[key] = [same, layer]
+            elif same[-1] is not layer:
+                same.append(layer)
+    return named

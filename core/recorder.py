@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import threading
 import weakref
 from collections.abc import Callable, Iterator
+from threading import get_ident
 from time import perf_counter
 from types import CodeType, FrameType
 from typing import Any
@@ -31,7 +31,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lens_core._ops import MUTATES_NOTHING, OpInfo, describe, write_through_view
 from lens_core.gradients import GradientSlot
-from lens_core.records import CallRecord, Layer, ModelIndex, ParamInfo, ParentRef
+from lens_core.records import CallRecord, Layer, ModelIndex, ParamInfo, ParentRef, StackNode
 from lens_core.selection import Selection
 
 # Per-callable facts, shared by all captures: torch callables live as long as the process.
@@ -40,8 +40,8 @@ _OP_INFO: dict[Callable[..., Any], OpInfo] = {}
 _MAX_FRAMES = 64
 
 _RecurrenceKey = tuple[Any, ...]
-# A piece of call stack: (code, instruction offset) pairs, innermost first, and the same as ids.
-_Segment = tuple[tuple[tuple[CodeType, int], ...], tuple[int, ...]]
+# A module call in progress: the frame it began in, the stack outside it, and a key of that stack.
+_Boundary = tuple[FrameType | None, StackNode | None, int]
 
 
 def iter_tensors(obj: Any, depth: int = 0) -> Iterator[Tensor]:
@@ -91,7 +91,7 @@ class Recorder(TorchFunctionMode):
         self._selection = selection
         self._save_all = selection.everything
         self._save_none = selection.is_empty  # metadata only: no per-op selection test
-        self._thread = threading.get_ident()
+        self._thread = get_ident()
         self.index = index
         self._addresses = index.modules
         self._params = index.params
@@ -106,11 +106,12 @@ class Recorder(TorchFunctionMode):
         self.saved_versions: dict[int, int] = {}  # entry index -> tensor version when saved
         self._stack: tuple[str, ...] = ()  # "address:pass" of the modules we are inside
         self._stack_addresses: tuple[str, ...] = ()
+        self._stack_calls: list[int] = []  # the pass of each module call on the stack
+        self._keep_module_outputs = bool(selection.modules)
         self._root_depth = 0
-        # Frames where the module calls we are inside began, with the stack outside each.
-        self._boundaries: list[tuple[FrameType | None, tuple[tuple[CodeType, int], ...], tuple[int, ...]]] = [
-            (stop_frame, (), ())
-        ]
+        # The module calls we are inside, innermost last (the capture's own frame first).
+        self._boundaries: list[_Boundary] = [(stop_frame, None, 0)]
+        self._stack_keys: dict[tuple[Any, ...], int] = {}  # code path -> small int key
         self._handles: list[RemovableHandle] = []
 
     # -- installation -----------------------------------------------------------------------
@@ -136,7 +137,7 @@ class Recorder(TorchFunctionMode):
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._boundaries = [(None, (), ())]  # hold no frame of the caller's after the capture
+        self._boundaries = [(None, None, 0)]  # hold no frame of the caller's after the capture
 
     # -- ops ----------------------------------------------------------------------------------
 
@@ -213,7 +214,8 @@ class Recorder(TorchFunctionMode):
                         if isinstance(item, Tensor):
                             self._classify_arg(item, parents, params, buffers)
 
-        frames, site = self._call_stack()
+        # the caller of __torch_function__; an op with parameters needs no key of its code path
+        frames, site = self._walk(sys._getframe(2), keyed=not params or mutated is not None)
         if params:  # an op using the same parameters again is another pass of the same layer
             key_base: tuple[Any, ...] = (func, tuple([p.name for p in params]))
         else:  # a parameter-free op is one when it runs again from the same code path
@@ -231,9 +233,7 @@ class Recorder(TorchFunctionMode):
         if mutated is not None:
             self._record_writes_through_views(mutated, entry, site, frames)
 
-    def _record_writes_through_views(
-        self, mutated: Any, writer: Layer, site: tuple[int, ...], frames: tuple[tuple[CodeType, int], ...]
-    ) -> None:
+    def _record_writes_through_views(self, mutated: Any, writer: Layer, site: int, frames: StackNode) -> None:
         """Gives a base tensor written through one of its views (``x[0].mul_(2)``) a new layer.
 
         Later ops that read the base then read this layer, which holds the base's new value.
@@ -287,31 +287,26 @@ class Recorder(TorchFunctionMode):
             return type(arg)(self._call_template(a, parents, params, buffers) for a in arg)
         return arg
 
-    def _call_stack(self) -> _Segment:
-        """The frames between the op and the capture, and a hashable key of that code path."""
-        return self._segment(sys._getframe(3))  # skip _call_stack, _record and __torch_function__
+    def _walk(self, frame: FrameType | None, keyed: bool = True) -> tuple[StackNode, int]:
+        """The stack from ``frame`` out, as a node, and (if ``keyed``) a key of its code path.
 
-    def _segment(self, frame: FrameType | None) -> _Segment:
-        """Frames from ``frame`` outwards to the capture's own frame, innermost first.
-
-        Walking the whole stack for every op is the recorder's biggest cost, so each module call
-        remembers the part of the stack outside it (those frames are suspended, so it does not
-        change during the call) and an op only walks up to its innermost module call.
+        Only the frames up to the innermost module call are walked; the node of the stack
+        outside that call was made when it began (those frames are suspended meanwhile).
         """
-        boundary, outer_frames, outer_site = self._boundaries[-1]
+        boundaries = self._boundaries
+        boundary, outer, key = boundaries[-1]
         frames: list[tuple[CodeType, int]] = []
-        site: list[int] = []
         while frame is not None and frame is not boundary and len(frames) < _MAX_FRAMES:
-            code, lasti = frame.f_code, frame.f_lasti
-            frames.append((code, lasti))
-            site += (id(code), lasti)
+            frames.append((frame.f_code, frame.f_lasti))
             frame = frame.f_back
-        if frame is None or frame is not boundary:
-            return tuple(frames), tuple(site)
-        if not outer_frames:  # the capture's own frame moves on between ops: read it now
-            code, lasti = frame.f_code, frame.f_lasti
-            return (*frames, (code, lasti)), (*site, id(code), lasti)
-        return (*frames, *outer_frames), (*site, *outer_site)
+        if frame is None or frame is not boundary:  # not below the capture (or too deep)
+            key, outer = -1, None
+        elif len(boundaries) == 1:  # the capture's own frame, which moves on between ops
+            frames.append((frame.f_code, frame.f_lasti))
+        if keyed:  # ids, not the code objects, whose hash is slow
+            path = (key, *[(id(code), lasti) for code, lasti in frames])
+            key = self._stack_keys.setdefault(path, len(self._stack_keys) + 1)
+        return StackNode(tuple(frames), outer), key
 
     def _new_entry(
         self,
@@ -321,7 +316,7 @@ class Recorder(TorchFunctionMode):
         func: Callable[..., Any] | None,
         out: Tensor,
         parents: list[int],
-        frames: tuple[tuple[CodeType, int], ...],
+        frames: StackNode | None,
         params: tuple[ParamInfo, ...] = (),
         buffers: tuple[str, ...] = (),
         produces: bool = True,
@@ -362,7 +357,7 @@ class Recorder(TorchFunctionMode):
     def add_input(self, tensor: Tensor) -> Layer:
         """Registers a tensor that enters from outside as an input layer."""
         entry = self._new_entry(("input", id(tensor), len(self.entries)), "input", "input",
-                                None, tensor, [], ())
+                                None, tensor, [], None)
         entry.is_input = True
         entry.module_stack = ()  # it comes from outside, whichever module first reads it
         return entry
@@ -371,34 +366,35 @@ class Recorder(TorchFunctionMode):
         producer = self._producers.get(id(tensor))
         source = producer[1] if producer is not None and producer[0]() is tensor else self.add_input(tensor)
         entry = self._new_entry(("output", position), "output", "output", None, tensor,
-                                [source.index], (), produces=False)
+                                [source.index], None, produces=False)
         entry.is_output = True
 
     def _on_module_enter(self, module: nn.Module, args: Any) -> None:
-        if threading.get_ident() != self._thread:
-            return
         address = self._addresses.get(id(module))
-        if address is None:
+        if address is None or get_ident() != self._thread:
             return
         call = self.module_calls[address] = self.module_calls.get(address, 0) + 1
         caller = sys._getframe(1)  # the module's __call__, which called this hook
-        self._boundaries.append((caller, *self._segment(caller)))
+        self._boundaries.append((caller, *self._walk(caller)))
         if address:
             self._stack += (f"{address}:{call}",)
             self._stack_addresses += (address,)
+            self._stack_calls.append(call)
         else:  # the root model is the capture itself, not a level of the stack
             self._root_depth += 1
 
     def _on_module_exit(self, module: nn.Module, args: Any, output: Any) -> None:
-        if threading.get_ident() != self._thread:
-            return
         address = self._addresses.get(id(module))
-        if address is None:
+        if address is None or get_ident() != self._thread:
             return
-        for depth in range(len(self._boundaries) - 1, 0, -1):
-            if self._boundaries[depth][0] is sys._getframe(1):
-                del self._boundaries[depth:]
-                break
+        boundaries, caller = self._boundaries, sys._getframe(1)
+        if boundaries[-1][0] is caller:
+            boundaries.pop()
+        else:  # an exception unwound inner module calls without their exit hooks
+            for depth in range(len(boundaries) - 2, 0, -1):
+                if boundaries[depth][0] is caller:
+                    del boundaries[depth:]
+                    break
         if not address:
             self._root_depth -= 1
             if self._root_depth == 0:  # a model that calls itself returns once, at the top
@@ -406,17 +402,17 @@ class Recorder(TorchFunctionMode):
                     self._add_output(position, tensor)
             return
         # Normally the top of the stack; after an exception unwound inner modules, deeper.
-        depth = len(self._stack_addresses) - 1
-        while depth >= 0 and self._stack_addresses[depth] != address:
+        addresses = self._stack_addresses
+        depth = len(addresses) - 1
+        while depth >= 0 and addresses[depth] != address:
             depth -= 1
         if depth < 0:
             return
-        tag = self._stack[depth]
-        self._stack = self._stack[:depth]
-        self._stack_addresses = self._stack_addresses[:depth]
-        call = int(tag.rpartition(":")[2])
-        keep = self._selection.keep_module_output(address, call)
-        for tensor in iter_tensors(output):
+        tag, call = self._stack[depth], self._stack_calls[depth]
+        self._stack, self._stack_addresses = self._stack[:depth], addresses[:depth]
+        del self._stack_calls[depth:]
+        keep = self._keep_module_outputs and self._selection.keep_module_output(address, call)
+        for tensor in (output,) if isinstance(output, Tensor) else iter_tensors(output):
             producer = self._producers.get(id(tensor))
             if producer is None or producer[0]() is not tensor:
                 continue

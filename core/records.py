@@ -9,24 +9,27 @@ from __future__ import annotations
 import linecache
 import math
 import os
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import CodeType
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
 from lens_core._format import format_layer
 from lens_core.gradients import GradientSlot
 
-__all__ = ["CallRecord", "FrameInfo", "Layer", "ModelIndex", "ParamInfo", "ParentRef"]
+if TYPE_CHECKING:
+    from lens_core.history import ModelHistory
+
+__all__ = ["CallRecord", "FrameInfo", "Layer", "ModelIndex", "ParamInfo", "ParentRef", "StackNode"]
 
 # Files whose frames are plumbing between the caller and the op, not part of its story.
 _PLUMBING_FILES = (os.path.join("torch", "overrides.py"), os.path.dirname(__file__) + os.sep)
 
 
-@dataclass(frozen=True, slots=True)
-class ParamInfo:
+class ParamInfo(NamedTuple):  # a tuple: built for every parameter at every capture, so cheap
     """A parameter an op used."""
 
     name: str
@@ -54,11 +57,16 @@ class ModelIndex:
         types: dict[str, str] = {}
         params: dict[int, ParamInfo] = {}
         buffers: dict[int, str] = {}
-        for address, module in model.named_modules():
+        pending = [("", model)]
+        while pending:  # named_modules' order, without its generator and set (half the time)
+            address, module = pending.pop()
+            if id(module) in modules:  # a module registered twice keeps its first address
+                continue
             modules[id(module)] = address
             if address:
                 types[address] = type(module).__name__
             prefix = f"{address}." if address else ""
+            pending += reversed([(prefix + name, m) for name, m in module._modules.items() if m is not None])
             for name, p in module._parameters.items():
                 if p is not None and id(p) not in params:  # a shared parameter keeps its first name
                     numel = p.numel()
@@ -84,6 +92,27 @@ class FrameInfo:
         first = max(1, self.call_linenum - self.context_lines)
         last = self.call_linenum + self.context_lines
         return [linecache.getline(self.call_fname, n) for n in range(first, last + 1)]
+
+
+class StackNode:
+    """A stretch of the Python stack, innermost frame first, and the node of the stack outside it.
+
+    Each module call keeps the node of the stack outside it; the ops inside add a node with only
+    the few frames between them and the module, so recording an op does not copy the whole stack.
+    """
+
+    __slots__ = ("frames", "outer")
+
+    def __init__(self, frames: tuple[tuple[CodeType, int], ...], outer: StackNode | None) -> None:
+        self.frames = frames
+        self.outer = outer
+
+    def __iter__(self) -> Iterator[tuple[CodeType, int]]:
+        """(code, instruction offset) pairs from the innermost frame out."""
+        node: StackNode | None = self
+        while node is not None:
+            yield from node.frames
+            node = node.outer
 
 
 def _line_of(code: CodeType, lasti: int) -> int:
@@ -146,8 +175,8 @@ class Layer:
     buffers: tuple[str, ...]
     """Addresses of buffers passed to the op (e.g. BatchNorm running statistics)."""
     parent_indices: list[int] = field(repr=False)
-    frames: tuple[tuple[CodeType, int], ...] = field(repr=False)
-    """Raw call stack, innermost first: (code, instruction offset) pairs."""
+    frames: StackNode | None = field(repr=False)
+    """Raw call stack: iterates (code, instruction offset) pairs, innermost first."""
     is_input: bool = False
     is_output: bool = False
     is_inplace: bool = False
@@ -171,8 +200,10 @@ class Layer:
     """Labels of the layers that consumed this op's output."""
     output_of_modules: tuple[str, ...] = ()
     """Module calls this is the output of, innermost first, with pass: ``("features.6:1",)``."""
-    lookup_keys: tuple[str | int, ...] = ()
-    """Every key that indexes this layer in its history."""
+    keys: tuple[str | int, ...] | None = field(default=None, repr=False)
+    """:attr:`lookup_keys`, once its history worked them out."""
+    history_ref: weakref.ref[ModelHistory] | None = field(default=None, repr=False)
+    """The history this layer belongs to, which works out the lookup keys when first asked."""
     stored_call_stack: tuple[FrameInfo, ...] | None = field(default=None, repr=False)
     """Call stack of a layer loaded from disk (which has no code objects in ``frames``)."""
     gradient_slot: GradientSlot | None = field(default=None, repr=False)
@@ -187,6 +218,15 @@ class Layer:
         through the same output add up (like ``.grad``).
         """
         return None if self.gradient_slot is None else self.gradient_slot.value
+
+    @property
+    def lookup_keys(self) -> tuple[str | int, ...]:
+        """Every key that indexes this layer in its history: ordinals, labels, module calls."""
+        if self.keys is None and self.history_ref is not None:
+            history = self.history_ref()
+            if history is not None:
+                history.lookup  # noqa: B018  # building the table works out every layer's keys
+        return self.keys or ()
 
     @property
     def module(self) -> str | None:
@@ -234,7 +274,7 @@ class Layer:
         if self.stored_call_stack is not None:
             return list(self.stored_call_stack)
         stack = []
-        for code, lasti in reversed(self.frames):
+        for code, lasti in reversed(list(self.frames or ())):
             if not any(part in code.co_filename for part in _PLUMBING_FILES):
                 stack.append(FrameInfo(code.co_filename, _line_of(code, lasti), code.co_name))
         return stack

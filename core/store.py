@@ -420,7 +420,7 @@ def _layer_from(doc: Mapping[str, Any]) -> Layer:
         ),
         buffers=tuple(_strings(doc, "buffers")),
         parent_indices=_ints(doc, "parent_indices"),
-        frames=(),
+        frames=None,
         stored_call_stack=_stored_call_stack(_get(doc, "func_call_stack", list)),
         is_input=_get(doc, "is_input", bool),
         is_output=_get(doc, "is_output", bool),

@@ -268,6 +268,34 @@ def test_history_is_freed_by_reference_counting(net: Net) -> None:
         gc.enable()
 
 
+@pytest.mark.parametrize("collector", ["on", "off"])
+def test_a_layer_that_outlives_its_history_keeps_its_lookup_keys(net: Net, collector: str) -> None:
+    # The lookup table is built lazily; a layer taken by ordinal never made the history build it.
+    expected = lc.get_model_metadata(net, torch.randn(2, 4))[1].lookup_keys
+    if collector == "off":
+        gc.disable()
+    try:
+        layer = lc.get_model_metadata(net, torch.randn(2, 4))[1]  # the history is gone at once
+    finally:
+        gc.enable()
+    assert layer.lookup_keys == expected
+    assert {1, "linear_1_1", "fc1"} <= set(expected)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_garbage_collector_is_left_as_it_was(net: Net, enabled: bool) -> None:
+    # A capture pauses the collector while it records, and must hand it back as it found it.
+    (gc.enable if enabled else gc.disable)()
+    try:
+        lc.get_model_metadata(net, torch.randn(2, 4))
+        assert gc.isenabled() is enabled
+        with pytest.raises(RuntimeError), lc.capture(net):
+            net(torch.randn(2, 5))  # the model rejects the input
+        assert gc.isenabled() is enabled
+    finally:
+        gc.enable()
+
+
 def test_func_call_stack_points_at_the_calling_line() -> None:
     class Functional(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -312,9 +340,11 @@ def test_model_index_names_parameters_and_buffers_as_torch_does() -> None:
             self.body = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
             self.head = nn.Linear(4, 10, bias=False)
             self.head.weight = self.embed.weight  # tied: torch names it once, where first met
+            self.again = self.body  # a module registered twice keeps its first address
 
     model = Tied()
     index = ModelIndex.of(model)
+    assert list(index.modules.values()) == [n for n, _ in model.named_modules()]  # same order too
     assert {i: p.name for i, p in index.params.items()} == {id(p): n for n, p in model.named_parameters()}
     assert index.buffers == {id(b): n for n, b in model.named_buffers()}
     assert index.module_types == {n: type(m).__name__ for n, m in model.named_modules() if n}

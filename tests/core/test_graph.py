@@ -377,7 +377,7 @@ def _layer_state(history: lc.ModelHistory) -> list[tuple[Any, ...]]:
 def test_drawing_never_changes_the_history(tmp_path: Path) -> None:
     history = _recurrent_after_backward()
     before = _layer_state(history)
-    lookup = dict(history._lookup)
+    lookup = dict(history.lookup)
     for vis_opt in ("unrolled", "rolled"):
         for depth in (1, 1000):
             build_graph(history, vis_opt, depth)
@@ -386,7 +386,7 @@ def test_drawing_never_changes_the_history(tmp_path: Path) -> None:
     if shutil.which("dot"):
         history.render_graph(vis_outpath=str(tmp_path / "graph"), vis_fileformat="svg")
     assert _layer_state(history) == before
-    assert history._lookup == lookup
+    assert history.lookup == lookup
 
 
 def test_a_history_loaded_from_disk_draws_the_same_without_loading_gradients(tmp_path: Path) -> None:
