@@ -134,6 +134,14 @@ def _captured_train_step(model: nn.Module, x: torch.Tensor) -> tuple[()]:
     return ()
 
 
+def _per_op(times: dict[str, list[float]], key: str, ops: int) -> float:
+    """Microseconds per op: the median over rounds of (this run - the plain run of the same round).
+
+    Pairing each run with the plain run beside it cancels most of the machine's drift.
+    """
+    return statistics.median(t - p for t, p in zip(times[key], times["plain"], strict=True)) / ops * 1e6
+
+
 def _measure(model: nn.Module, x: torch.Tensor, tl: _TorchLens | None, warmup: int, repeats: int,
              backward: bool) -> list[str]:
     """One table row. Each round runs plain, lens_core, TorchLens in turn; medians of the rounds."""
@@ -154,15 +162,14 @@ def _measure(model: nn.Module, x: torch.Tensor, tl: _TorchLens | None, warmup: i
             for key, seconds in rnd.items():
                 times[key].append(seconds)
     plain, ours = statistics.median(times["plain"]), statistics.median(times["ours"])
-    meta = statistics.median(times["meta"])
     row = [str(ops), f"{plain * 1e3:.1f}", f"{ours * 1e3:.1f}", f"{ours / plain:.2f}",
-           f"{(ours - plain) / ops * 1e6:.1f}", f"{(meta - plain) / ops * 1e6:.1f}"]
+           f"{_per_op(times, 'ours', ops):.1f}", f"{_per_op(times, 'meta', ops):.1f}"]
     if backward:
         fb, fb_ours = statistics.median(times["fb"]), statistics.median(times["fb_ours"])
         row += [f"{fb * 1e3:.1f}", f"{fb_ours * 1e3:.1f}", f"{fb_ours / fb:.2f}"]
     if tl:
         theirs = statistics.median(times["tl"])
-        row += [f"{theirs * 1e3:.1f}", f"{theirs / plain:.2f}", f"{(theirs - plain) / ops * 1e6:.1f}",
+        row += [f"{theirs * 1e3:.1f}", f"{theirs / plain:.2f}", f"{_per_op(times, 'tl', ops):.1f}",
                 str(tl_entries)]
     return row
 
@@ -216,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
         f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads, "
         f"grad {'disabled' if args.no_grad else 'enabled'}, eval mode, medians of {repeats} round(s), "
         f"{'quick inputs' if args.quick else 'batch 2'}, took {time.perf_counter() - started:.0f} s.\n"
-        "us/op = (capture median - plain median) / ops, where ops = the layers lens_core recorded; "
+        "us/op = median over rounds of (capture - plain of the same round) / ops, where ops = the "
+        "layers lens_core recorded; "
         "TorchLens's column uses the same count (its own 'TL entries' also list buffer reads). "
         "fwd+bwd: forward and backward of sum(output); '+ all grads' records every activation "
         "and its gradient during it. 'nothing saved' is get_model_metadata: interception and "
