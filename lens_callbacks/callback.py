@@ -117,7 +117,8 @@ class LensCallback(Callback):
             return
         options = dict(self._options)
         save_tensors = options.pop("save_tensors")
-        self.writers = self._default_writers(trainer, save_tensors) if self._writers is None else self._writers
+        chosen = self._writers  # [] is a choice too: no writer
+        self.writers = self._default_writers(trainer, save_tensors) if chosen is None else chosen
         self.lens = Lens(
             pl_module,
             writers=self.writers,

@@ -144,7 +144,8 @@ def test_an_empty_writer_list_writes_nowhere(tmp_path: Path) -> None:
     callback = LensCallback(every_n_steps=1, writers=[])
     trainer(tmp_path, [callback], max_steps=2).fit(LitCNN(), loader())
     assert callback.writers == []
-    assert callback.lens is not None and callback.lens.last_step == 1  # captured all the same
+    assert callback.lens is not None
+    assert callback.lens.last_step == 1
     assert not list(tmp_path.rglob("summaries.json"))
 
 def test_bad_arguments_fail_at_construction() -> None:
