@@ -1,4 +1,8 @@
-"""Summaries against plain numpy references, and the promise of one device-to-host transfer."""
+"""Summaries against plain numpy references, and the promise of one device-to-host transfer.
+
+The CPU has its own code (it reads results as they come); the accelerators' code runs here on CPU
+tensors too, against the same references.
+"""
 
 from __future__ import annotations
 
@@ -44,8 +48,11 @@ def _check_against_numpy(tensor: torch.Tensor, summary: TensorSummary, bins: int
     assert np.all(np.diff(edges) >= 0)
     if finite.min() < finite.max():
         assert (edges[0], edges[-1]) == (finite.min(), finite.max())
-    else:  # numpy's convention for one distinct value: a unit range around it
+    elif abs(finite.min()) < 2**20:  # numpy's convention for one distinct value: a unit range
         assert (edges[0], edges[-1]) == (finite.min() - 0.5, finite.max() + 0.5)
+    else:  # where 0.5 rounds away, the neighbouring floats
+        assert edges[0] < edges[-1]
+        assert edges[0] <= finite.min() <= edges[-1]
     reference, _ = np.histogram(finite, bins=edges)
     assert list(summary.histogram.counts) == reference.tolist()  # exact, bin for bin
     assert sum(summary.histogram.counts) == finite.size
@@ -74,6 +81,16 @@ def _cases() -> dict[str, torch.Tensor]:
         "requires_grad": torch.randn(10, generator=g, requires_grad=True) * 2,
         "ties_on_edges": torch.arange(0, 65, dtype=torch.float32),  # every value is an edge
         "huge_range": torch.tensor([-3.0e38, 0.0, 1.0, 3.0e38]),
+        "overflowing_sums": torch.tensor([3.0e38] * 40 + [-1.0e38] * 20 + [5.0]),
+        "negative": -torch.randn(200, generator=g).abs(),
+        "offset_noise": 1000 + torch.randn(500, generator=g) * 1e-3,  # std far below the mean
+        "subnormal_range": torch.tensor([1, 2, 3, 5, 2], dtype=torch.int32).view(torch.float32),
+        "huge_constant": torch.full((5,), 2.0**30),
+        "largest_constant": torch.full((3,), torch.finfo(torch.float32).max),
+        "signed_zeros": torch.tensor([-0.0, 0.0, 1.0, -1.0]),
+        "int64_large": torch.tensor([2**40, -(2**40) + 3, 7, 2**53 + 1]),
+        "mostly_zeros": torch.where(torch.rand(3000, generator=g) < 0.9, 0.0, torch.rand(3000, generator=g)),
+        "expanded": torch.randn(3, 1, generator=g).expand(3, 5),
     }
 
 
@@ -96,13 +113,81 @@ def test_batch_equals_one_at_a_time() -> None:
         assert summarize({name: tensor})[name] == together[name], name
 
 
-def test_histogram_in_chunks_equals_histogram_in_one_go(monkeypatch: pytest.MonkeyPatch) -> None:
-    tensor = torch.randn(10_001, generator=torch.Generator().manual_seed(1))
+@pytest.mark.parametrize("path", ["host", "device"])
+def test_summaries_in_chunks_equal_summaries_in_one_go(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    tensor = torch.randn(10_001, generator=torch.Generator().manual_seed(1)).relu()
     tensor[[5, 5000, 9999]] = torch.tensor([NAN, INF, NAN])
-    whole = summarize({"x": tensor})["x"]
+    whole = _summarize_on(path, {"x": tensor})["x"]
     monkeypatch.setattr(summaries_module, "_CHUNK", 997)
-    assert summarize({"x": tensor})["x"] == whole
-    _check_against_numpy(tensor, whole, 64)
+    chunked = _summarize_on(path, {"x": tensor})["x"]
+    assert chunked.histogram == whole.histogram  # exact
+    assert chunked.zero_fraction == whole.zero_fraction
+    for statistic in ("mean", "std", "mean_abs", "l2_norm"):  # sums in another order
+        assert getattr(chunked, statistic) == pytest.approx(getattr(whole, statistic), rel=1e-5)
+    _check_against_numpy(tensor, chunked, 64)
+
+
+def _summarize_on(path: str, tensors: dict[str, torch.Tensor], bins: int = 64) -> dict[str, TensorSummary]:
+    """``summarize`` on CPU tensors, through the CPU code or the accelerators' (no host read)."""
+    if path == "host":
+        return summarize(tensors, bins=bins)
+    found = summaries_module._summarize_on_device([t.detach() for t in tensors.values()], bins)
+    return dict(zip(tensors, found, strict=True))
+
+
+@pytest.mark.parametrize("bins", [1, 7, 64, 600])
+def test_the_accelerator_code_matches_numpy_and_bins_as_the_cpu_code(bins: int) -> None:
+    tensors = {name: t for name, t in _cases().items() if t.numel()}
+    on_device = _summarize_on("device", tensors, bins)
+    on_host = summarize(tensors, bins=bins)
+    for name, tensor in tensors.items():
+        try:
+            _check_against_numpy(tensor, on_device[name], bins)
+        except AssertionError as error:
+            raise AssertionError(f"{name}: {error}") from error
+        assert on_device[name].histogram == on_host[name].histogram, name
+        assert (on_device[name].min, on_device[name].max) == (on_host[name].min, on_host[name].max)
+
+
+@pytest.mark.parametrize("path", ["host", "device"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_values_on_and_next_to_every_edge_are_binned_as_numpy_bins_them(
+    path: str, dtype: torch.dtype
+) -> None:
+    g = torch.Generator().manual_seed(2)
+    samples = {
+        "normal": torch.randn(1000, generator=g, dtype=dtype),
+        "narrow_far_from_zero": 1000 + torch.rand(1000, generator=g, dtype=dtype) * 1e-2,
+        "wide": torch.randn(1000, generator=g, dtype=dtype) * 1e30,
+    }
+    for name, values in samples.items():
+        edges = torch.tensor(_summarize_on(path, {name: values}, 37)[name].histogram.edges, dtype=dtype)
+        around = torch.cat((edges, torch.nextafter(edges, edges + 1), torch.nextafter(edges, edges - 1)))
+        # inside the range, so that the extremes, and with them the edges, stay the same
+        stressed = torch.cat((values, around.clamp(values.min(), values.max())))
+        summary = _summarize_on(path, {name: stressed}, 37)[name]
+        assert summary.histogram.edges == tuple(edges.tolist()), name
+        _check_against_numpy(stressed, summary, 37)
+
+
+def test_float64_statistics_do_not_overflow_near_the_largest_double() -> None:
+    values = torch.tensor([-1.5e308, 1.7e308, 0.0, 1.0e308], dtype=torch.float64)
+    summary = summarize({"x": values})["x"]
+    scaled = values.numpy() / 2**1000  # numpy's own sums would overflow
+    assert summary.mean == pytest.approx(scaled.mean() * 2**1000, rel=1e-12)
+    assert summary.std == pytest.approx(scaled.std() * 2**1000, rel=1e-12)
+    assert summary.l2_norm == math.inf  # the true norm is past the largest double
+    reference, _ = np.histogram(values.numpy(), bins=np.array(summary.histogram.edges))
+    assert list(summary.histogram.counts) == reference.tolist()
+
+
+def test_views_of_the_same_elements_are_summarised_once_and_alike() -> None:
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(3))
+    views = {"x": x, "t": x.t(), "flat": x.reshape(-1), "grad": x.detach(), "tail": x[1:]}
+    summaries = summarize(views)
+    assert summaries["t"] == summaries["flat"] == summaries["grad"] == summaries["x"]
+    assert summaries["tail"].numel == 20
+    assert summaries["tail"] != summaries["x"]
 
 
 @pytest.mark.parametrize(
@@ -136,6 +221,8 @@ def test_bad_arguments_are_refused() -> None:
         summarize({"x": torch.ones(2)}, bins=0)
     with pytest.raises(ValueError, match="bins=True"):
         summarize({"x": torch.ones(2)}, bins=True)
+    with pytest.raises(ValueError, match="bins=65537: use an int from 1 to 65536"):
+        summarize({"x": torch.ones(2)}, bins=65537)
     with pytest.raises(TypeError, match=r"tensors\['x'\] is a list"):
         summarize({"x": [1.0, 2.0]})  # type: ignore[dict-item]
     with pytest.raises(TypeError, match="complex"):
@@ -207,10 +294,10 @@ def _bool_index(args: tuple[Any, ...]) -> bool:
     return isinstance(index, torch.Tensor) and index.dtype == torch.bool
 
 
-def test_all_results_come_back_in_one_transfer() -> None:
-    tensors = _cases()
+def test_the_accelerator_code_reads_all_results_back_in_one_transfer() -> None:
+    tensors = [t.detach() for t in _cases().values() if t.numel()]
     with _HostReads() as reads:
-        summarize(tensors, bins=16)
+        summaries_module._summarize_on_device(tensors, bins=16)
     assert reads.events.count("cpu") == 1, reads.events
     first = reads.events.index("cpu")
     # nothing is read on the host before the transfer, and after it only the packed buffer is
