@@ -58,8 +58,12 @@ def _pooled(histories: Sequence[ModelHistory], gradients: bool) -> dict[str, tor
         for layer in history.saved_layers:
             value = layer.gradient if gradients else layer.tensor_contents
             if value is not None:
-                pooled.setdefault(layer.label, []).append(value.detach().reshape(-1))
-    return {label: parts[0] if len(parts) == 1 else torch.cat(parts) for label, parts in pooled.items()}
+                pooled.setdefault(layer.label, []).append(value.detach())
+    # one micro-batch: the tensor itself (a view of another layer's output is then summarised once)
+    return {
+        label: parts[0] if len(parts) == 1 else torch.cat([part.reshape(-1) for part in parts])
+        for label, parts in pooled.items()
+    }
 
 
 def build_record(
