@@ -7,8 +7,9 @@ few of them, into reused buffers.
 On an accelerator, reading each number with ``.item()`` would stall the device once per number;
 instead every statistic, histogram edge and bin count stays a device tensor until they are
 packed into one byte buffer and copied to the host with a single ``.cpu()`` (one per device the
-tensors live on). On the CPU there is nothing to transfer: results are read as they come, which
-lets a tensor with no NaN or infinity (nearly all) skip the masking an accelerator always does.
+tensors live on; ``lens_core._device_summaries``). On the CPU there is nothing to transfer:
+results are read as they come (the code below), which lets a tensor with no NaN or infinity
+(nearly all) skip the masking an accelerator always does.
 
 Histograms are exact: edges run from the minimum to the maximum finite value, and the counts are
 what ``numpy.histogram(values, bins=edges)`` gives (``lens_core._histogram`` says how: the bin of a
@@ -24,19 +25,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
-from lens_core import _histogram
+from lens_core import _device_summaries, _histogram, _passes
+from lens_core._passes import Scratch
 
 __all__ = ["Histogram", "TensorSummary", "summarize"]
 
-# Integer results per tensor, before the bin counts.
-_INT_STATS = ("nan_count", "inf_count", "zero_count")
-# Float results per tensor, before the bin edges.
-_FLOAT_STATS = ("mean", "std", "mean_abs", "l2_norm", "min", "max")
-# Elements per pass that needs a buffer: bounds the scratch memory of a huge tensor.
-_CHUNK = 1 << 22
 # Most histogram bins: float32 arithmetic places values in this many bins exactly.
 _MAX_BINS = 1 << 16
+# Tensors of at most this many values are summarised together on the CPU (``_SmallTensors``):
+# up to there, that is faster than one at a time.
+_SMALL = 2048
 # Interleaved copies of each histogram counted on the CPU (see ``_host_counts``).
 _STRIPES = 8
 
@@ -46,9 +46,10 @@ class Histogram:
     """Counts of values in equal-width bins, the layout TensorBoard and W&B histograms take."""
 
     edges: tuple[float, ...]
-    """``bins + 1`` increasing bin edges from the minimum to the maximum finite value (empty
-    when there is no finite value). Bin ``i`` is ``[edges[i], edges[i + 1])``; the last bin
-    also holds its right edge, as in ``numpy.histogram``."""
+    """``bins + 1`` non-decreasing bin edges from the minimum to the maximum finite value,
+    equally spaced up to rounding (empty when there is no finite value). Bin ``i`` is
+    ``[edges[i], edges[i + 1])``; the last bin also holds its right edge, as in
+    ``numpy.histogram``."""
     counts: tuple[int, ...]
     """Number of finite values in each bin (empty when there is no finite value)."""
 
@@ -210,53 +211,6 @@ def _elements(tensor: torch.Tensor) -> _Key:
     return (tensor.device, tensor.dtype, tensor.data_ptr(), tensor.is_neg(), tuple(dims))
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other dtype is summarised in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _by_compute_dtype(tensors: list[torch.Tensor]) -> list[tuple[torch.dtype, list[int]]]:
-    groups: dict[torch.dtype, list[int]] = {}
-    for index, tensor in enumerate(tensors):
-        groups.setdefault(_compute_dtype(tensor.dtype), []).append(index)
-    return list(groups.items())
-
-
-class _Scratch:
-    """Buffers reused for every tensor of one ``summarize`` call.
-
-    Fresh multi-megabyte temporaries cost more than the arithmetic on them (the allocator maps
-    and the kernel zeroes new pages each time), so each pass writes into a buffer of its own
-    slot, grown to the largest tensor seen, with ``out=``.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.buffers: dict[str, torch.Tensor] = {}
-
-    def take(self, slot: str, dtype: torch.dtype, size: int) -> torch.Tensor:
-        buffer = self.buffers.get(slot)
-        if buffer is None or buffer.dtype != dtype or buffer.numel() < size:
-            buffer = self.buffers[slot] = torch.empty(size, dtype=dtype, device=self.device)
-        return buffer[:size]
-
-    def stripes(self, dtype: torch.dtype, size: int, width: int) -> torch.Tensor:
-        """``0, width, 2 * width, ...`` for ``_STRIPES`` values, repeated to ``size`` values."""
-        pattern = self.buffers.get("stripes")
-        if pattern is None or pattern.dtype != dtype or pattern.numel() < size:
-            step = torch.arange(_STRIPES, dtype=dtype, device=self.device) * width
-            pattern = self.buffers["stripes"] = step.repeat(-(-size // _STRIPES))
-        return pattern[:size]
-
-    def flat(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``tensor`` as a contiguous 1-d tensor of ``dtype`` (a copy only when it must be)."""
-        if tensor.dtype == dtype and tensor.is_contiguous():
-            return tensor.reshape(-1)
-        copy = self.take("values", dtype, tensor.numel())
-        copy.view(tensor.shape).copy_(tensor)
-        return copy
-
-
 # -- on the CPU: values are read as they are computed -------------------------------------------
 #
 # There is no transfer to save on the CPU, and reading a result lets a tensor without NaN or
@@ -277,28 +231,118 @@ class _Finite:
 
 def _summarize_on_host(tensors: list[torch.Tensor], bins: int) -> list[TensorSummary]:
     found: dict[int, TensorSummary] = {}
-    for dtype, indices in _by_compute_dtype(tensors):
-        scratch = _Scratch(torch.device("cpu"))
+    for dtype, indices in _passes.by_compute_dtype(tensors):
+        scratch = Scratch(torch.device("cpu"))
+        batch = _SmallTensors.of([i for i in indices if tensors[i].numel() <= _SMALL], tensors, dtype)
+        together = set(batch.indices) if batch is not None else set()
         finite: dict[int, _Finite] = {}
         for index in indices:
+            if index in together:
+                continue
             kept = _finite_values(tensors[index], dtype, scratch)
             if isinstance(kept, TensorSummary):
                 found[index] = kept
             else:
                 finite[index] = kept
-        if not finite:
-            continue
         low = torch.tensor([kept.low for kept in finite.values()], dtype=dtype)
         high = torch.tensor([kept.high for kept in finite.values()], dtype=dtype)
+        if batch is not None:
+            low, high = torch.cat((low, batch.low)), torch.cat((high, batch.high))
+        if not low.numel():
+            continue
         rows = _histogram.frames(low, high, bins)
         all_edges = _histogram.edges(rows, bins).tolist()
-        arithmetic = zip(*(row.tolist() for row in (rows.unit, rows.origin, rows.scale)), strict=True)
-        for (index, kept), edges, frame in zip(finite.items(), all_edges, arithmetic, strict=True):
-            found[index] = _host_summary(kept, dtype, bins, edges, frame, scratch)
+        arithmetic = list(zip(*(row.tolist() for row in (rows.unit, rows.origin, rows.scale)), strict=True))
+        for row, (index, kept) in enumerate(finite.items()):
+            found[index] = _host_summary(kept, dtype, bins, all_edges[row], arithmetic[row], scratch)
+        if batch is not None:
+            first = len(finite)
+            summaries = batch.summaries(rows, first, all_edges[first:], bins)
+            for row, (index, summary) in enumerate(zip(batch.indices, summaries, strict=True)):
+                if summary is not None:
+                    found[index] = summary
+                    continue
+                # sums past the largest float64: the one-tensor code scales the values
+                tensor, j = tensors[index], first + row
+                kept = _Finite(tensor, tensor.numel(), 0, 0, batch.lows[row], batch.highs[row])
+                found[index] = _host_summary(kept, dtype, bins, all_edges[j], arithmetic[j], scratch)
     return [found[index] for index in range(len(tensors))]
 
 
-def _finite_values(tensor: torch.Tensor, dtype: torch.dtype, scratch: _Scratch) -> _Finite | TensorSummary:
+class _SmallTensors:
+    """Tensors of at most ``_SMALL`` values (biases, norms' weights, scalars), summarised together.
+
+    One at a time, each costs ~25 torch calls of a few microseconds, far more than the work on
+    its values; as the rows of one zero-padded matrix they all take ~25 calls: sums by row (in
+    float64), and one ``bincount`` whose bins are offset by ``bins + 1`` per row.
+    """
+
+    def __init__(self, indices: list[int], tensors: list[torch.Tensor], values: torch.Tensor) -> None:
+        self.indices = indices
+        """Positions of the tensors in the ``summarize`` call."""
+        self.tensors = tensors
+        self.values = values  # (tensors, longest), zeros after each tensor's values
+        self.sizes = torch.tensor([tensor.numel() for tensor in tensors])
+        self.inside = torch.arange(values.shape[1]) < self.sizes[:, None]
+        self.low = torch.where(self.inside, values, math.inf).amin(1)
+        self.high = torch.where(self.inside, values, -math.inf).amax(1)
+        self.lows: list[float] = self.low.tolist()
+        self.highs: list[float] = self.high.tolist()
+
+    @classmethod
+    def of(cls, indices: list[int], tensors: list[torch.Tensor], dtype: torch.dtype) -> _SmallTensors | None:
+        """The batch of ``tensors[i]`` for ``i`` in ``indices`` that hold no NaN or infinity."""
+        if not indices:
+            return None
+        values = pad_sequence([tensors[i].reshape(-1).to(dtype) for i in indices], batch_first=True)
+        finite = torch.isfinite(values).all(1).tolist()  # the others go on their own
+        if not any(finite):
+            return None
+        kept = [i for i, ok in zip(indices, finite, strict=True) if ok]
+        if len(kept) < len(indices):
+            values = values[torch.tensor(finite)]
+        return cls(kept, [tensors[i] for i in kept], values)
+
+    def summaries(
+        self, rows: _histogram.Frames, first: int, edges: list[list[float]], bins: int
+    ) -> list[TensorSummary | None]:
+        """The summaries, from row ``first`` of ``rows`` on; None where a sum overflowed."""
+        n = self.sizes.double()
+        wide = self.values.double()  # the values themselves when they are float64: not in place
+        mean = wide.sum(1) / n
+        deviations = torch.where(self.inside, wide - mean[:, None], 0)
+        shift = deviations.sum(1)  # the rounding of the mean, taken back below
+        variance = ((deviations.square_().sum(1) - shift.square() / n) / n).clamp_(min=0)
+        mean_abs = wide.abs().sum(1) / n
+        zeros = (self.values == 0).logical_and_(self.inside).sum(1)
+        l2_norm = (n * (variance + mean.square())).sqrt()
+        frame = (part[first:, None] for part in (rows.unit, rows.origin, rows.scale))
+        placed = torch.where(self.inside, self.values, rows.low[first:, None])  # padding: in bin 0
+        index = _histogram.positions(placed, *frame).long()  # truncates: the bin
+        index += torch.arange(len(self.tensors))[:, None] * (bins + 1)  # in this tensor's bins
+        counts = torch.bincount(index.reshape(-1), minlength=len(self.tensors) * (bins + 1))
+        counts = counts.view(-1, bins + 1)
+        counts[:, 0] -= self.values.shape[1] - self.sizes  # the padding, out again
+        counts[:, bins - 1] += counts[:, bins]  # the maximum's bin: the last bin holds its right edge
+        found: list[TensorSummary | None] = []
+        columns = (mean, variance.sqrt(), mean_abs, l2_norm)
+        for tensor, low, high, moments, zero_count, binned, row_edges in zip(
+            self.tensors, self.lows, self.highs, zip(*(c.tolist() for c in columns), strict=True),
+            zeros.tolist(), counts[:, :bins].tolist(), edges, strict=True,
+        ):
+            if not all(math.isfinite(m) for m in moments):
+                found.append(None)
+                continue
+            mean_value, std, absolute, l2 = moments
+            found.append(TensorSummary(
+                numel=tensor.numel(), mean=mean_value, std=std, min=low, max=high, mean_abs=absolute,
+                l2_norm=l2, zero_fraction=zero_count / tensor.numel(), nan_count=0, inf_count=0,
+                histogram=Histogram(tuple(row_edges), tuple(binned)),
+            ))
+        return found
+
+
+def _finite_values(tensor: torch.Tensor, dtype: torch.dtype, scratch: Scratch) -> _Finite | TensorSummary:
     """The finite values and their extremes, or the summary of a tensor without any."""
     values = tensor
     if tensor.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
@@ -321,7 +365,7 @@ def _host_summary(
     bins: int,
     edges: list[float],
     frame: tuple[float, float, float],
-    scratch: _Scratch,
+    scratch: Scratch,
 ) -> TensorSummary:
     x = scratch.flat(kept.values, dtype)
     count = x.numel()
@@ -341,7 +385,7 @@ def _host_summary(
 
 
 def _host_moments(
-    x: torch.Tensor, signed: bool, unit: float, scratch: _Scratch
+    x: torch.Tensor, signed: bool, unit: float, scratch: Scratch
 ) -> tuple[float, float, float, float]:
     """Mean, std, mean magnitude and l2 norm of ``x``, summed as ``x * unit``.
 
@@ -349,8 +393,8 @@ def _host_moments(
     magnitude of the sum, and need no pass of their own).
     """
     n = x.numel()
-    buffer = scratch.take("buffer", x.dtype, min(n, _CHUNK))
-    parts = torch.split(x, _CHUNK)
+    buffer = scratch.take("buffer", x.dtype, min(n, _passes.CHUNK))
+    parts = torch.split(x, _passes.CHUNK)
 
     def scaled(part: torch.Tensor) -> torch.Tensor:
         return part if unit == 1.0 else torch.mul(part, unit, out=buffer[:part.numel()])
@@ -372,19 +416,19 @@ def _host_moments(
             math.sqrt(n * (variance + mean * mean)) / unit)
 
 
-def _host_zeros(x: torch.Tensor, scratch: _Scratch) -> int:
+def _host_zeros(x: torch.Tensor, scratch: Scratch) -> int:
     """The number of zeros, summed as floats 0/1 (exact per chunk).
 
     ``count_nonzero`` branches on each value: on ReLU outputs, half zeros at random, it is
     several times slower than a comparison and a sum.
     """
-    buffer = scratch.take("buffer", x.dtype, min(x.numel(), _CHUNK))
-    parts = torch.split(x, _CHUNK)
+    buffer = scratch.take("buffer", x.dtype, min(x.numel(), _passes.CHUNK))
+    parts = torch.split(x, _passes.CHUNK)
     return sum(int(torch.eq(part, 0, out=buffer[:part.numel()]).sum().item()) for part in parts)
 
 
 def _host_counts(
-    x: torch.Tensor, frame: tuple[float, float, float], bins: int, scratch: _Scratch
+    x: torch.Tensor, frame: tuple[float, float, float], bins: int, scratch: Scratch
 ) -> list[int]:
     """The bin counts of ``x``.
 
@@ -393,11 +437,11 @@ def _host_counts(
     copies of the histogram, so that neighbouring values increment different counters.
     """
     dtype = torch.int16 if _STRIPES * (bins + 1) <= 1 << 15 else torch.int32  # narrow: fewer bytes
-    chunk = min(x.numel(), _CHUNK)
+    chunk = min(x.numel(), _passes.CHUNK)
     buffer, index = scratch.take("buffer", x.dtype, chunk), scratch.take("index", dtype, chunk)
-    stripes = scratch.stripes(dtype, chunk, bins + 1)
+    stripes = scratch.stripes(dtype, chunk, _STRIPES, bins + 1)
     counts = torch.zeros(_STRIPES * (bins + 1), dtype=torch.int64)
-    for part in torch.split(x, _CHUNK):
+    for part in torch.split(x, _passes.CHUNK):
         m = part.numel()
         index[:m].copy_(_histogram.positions(part, *frame, out=buffer[:m]))  # truncates: the bin
         counts += torch.bincount(index[:m].add_(stripes[:m]), minlength=counts.numel())
@@ -411,112 +455,16 @@ def _host_counts(
 
 def _summarize_on_device(tensors: list[torch.Tensor], bins: int) -> list[TensorSummary]:
     wide = torch.float32 if tensors[0].device.type == "mps" else torch.float64  # MPS: no float64
-    packed, order = _pack(tensors, bins, wide)
+    packed, order = _device_summaries.pack(tensors, bins, wide)
     host = packed.cpu()  # the one transfer (and the one wait) for this device
     sizes = [tensors[index].numel() for index in order]
     found = dict(zip(order, _unpack(host, sizes, bins, wide), strict=True))
     return [found[index] for index in range(len(tensors))]
 
 
-def _pack(tensors: list[torch.Tensor], bins: int, wide: torch.dtype) -> tuple[torch.Tensor, list[int]]:
-    """Every tensor's results in one uint8 device tensor: all int64 rows, then all float rows.
-
-    Returns the buffer and the order of the tensors in it (grouped by the dtype they are
-    summarised in).
-    """
-    order: list[int] = []
-    int_rows: list[torch.Tensor] = []
-    float_rows: list[torch.Tensor] = []
-    for dtype, indices in _by_compute_dtype(tensors):
-        ints, floats = _device_rows([tensors[index] for index in indices], dtype, bins, wide)
-        order += indices
-        int_rows.append(ints)
-        float_rows.append(floats)
-    ints = torch.cat(int_rows).reshape(-1)  # (tensors * (3 + bins),) int64
-    floats = torch.cat(float_rows).reshape(-1)  # (tensors * (6 + bins + 1),) wide
-    # int64 first: its byte length is a multiple of 8, so the floats stay aligned for .view()
-    return torch.cat((ints.view(torch.uint8), floats.view(torch.uint8))), order
-
-
-def _device_rows(
-    tensors: list[torch.Tensor], dtype: torch.dtype, bins: int, wide: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every tensor's results as an int64 and a ``wide`` matrix, one row each, with no host sync.
-
-    Nothing is known on the host, so every tensor goes through the masking of non-finite values;
-    passes write into scratch buffers.
-    """
-    scratch = _Scratch(tensors[0].device)
-    extremes = torch.stack([_device_extremes(scratch.flat(tensor, dtype), scratch) for tensor in tensors])
-    rows = _histogram.frames(extremes[:, 0], extremes[:, 1], bins)
-    scales = _power_of_two_near(extremes.abs().amax(dim=1))
-    int_rows, moment_rows = [], []
-    for row, tensor in enumerate(tensors):
-        x = scratch.flat(tensor, dtype)
-        ints, moments = _device_stats(x, scales[row], rows, row, bins, scratch)
-        int_rows.append(ints)
-        moment_rows.append(moments)
-    edges = _histogram.edges(rows, bins).to(wide)
-    moments = torch.stack(moment_rows).to(wide) * scales.to(wide)[:, None]
-    floats = torch.cat((moments, extremes.to(wide), edges), dim=1)
-    return torch.stack(int_rows), floats
-
-
-def _power_of_two_near(peaks: torch.Tensor) -> torch.Tensor:
-    """A power of two in (peak / 2, peak] for each finite peak (1/2 for 0): dividing by it is exact."""
-    _, exponents = torch.frexp(peaks)  # peak = m * 2**e, 0.5 <= m < 1
-    return torch.ldexp(torch.ones_like(peaks), exponents - 1)
-
-
-def _device_extremes(x: torch.Tensor, scratch: _Scratch) -> torch.Tensor:
-    """Minimum and maximum of the finite values (0 and 0 when there is none)."""
-    a = scratch.take("a", x.dtype, x.numel())
-    low = torch.nan_to_num(x, math.inf, math.inf, math.inf, out=a).amin()
-    high = torch.nan_to_num(x, -math.inf, -math.inf, -math.inf, out=a).amax()
-    return torch.where(torch.isinf(low), 0, torch.stack((low, high)))  # inf: nothing finite
-
-
-def _device_stats(
-    x: torch.Tensor, scale: torch.Tensor, rows: _histogram.Frames, row: int, bins: int, scratch: _Scratch
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Counts (NaN, inf, zero, bins) and moments of one tensor, the moments of ``x / scale``."""
-    n = x.numel()
-    a, b = scratch.take("a", x.dtype, n), scratch.take("b", x.dtype, n)
-    finite, flag = scratch.take("finite", torch.bool, n), scratch.take("flag", torch.bool, n)
-    torch.lt(torch.abs(x, out=a), math.inf, out=finite)  # isfinite, faster
-    count = torch.count_nonzero(finite)
-    nans = torch.count_nonzero(torch.ne(x, x, out=flag))
-    infs = n - count - nans
-    zeros = torch.count_nonzero(torch.eq(x, 0, out=flag))
-    # Sums run over values divided by a power of two near the largest magnitude (exact), so
-    # sums of squares of values near the dtype's maximum (a diverging bf16 run) stay finite.
-    scaled = torch.nan_to_num(x, 0.0, 0.0, 0.0, out=a).div_(scale)  # non-finite values count as 0
-    mean = scaled.sum() / count  # NaN when nothing is finite; the host replaces it
-    deviations = torch.sub(scaled, mean, out=b)
-    # the non-finite values' 0 - mean terms are taken out, and the rounding of the mean back
-    outside = (n - count) * mean
-    shift = deviations.sum() + outside
-    squares = deviations.square_().sum() - outside * mean - shift.square() / count
-    std = (squares.clamp(min=0) / count).sqrt()
-    l2_norm = torch.linalg.vector_norm(scaled)
-    mean_abs = scaled.abs_().sum() / count
-    counts = torch.zeros(bins + 1, dtype=torch.int64, device=x.device)
-    index = scratch.take("index", torch.int64, min(n, _CHUNK))
-    frame = (rows.unit[row], rows.origin[row], rows.scale[row])
-    for part, keep in zip(torch.split(x, _CHUNK), torch.split(finite, _CHUNK), strict=True):
-        m = part.numel()
-        placed = torch.where(keep, part, rows.low[row], out=a[:m])  # non-finite: in the first bin
-        index[:m].copy_(_histogram.positions(placed, *frame, out=b[:m]))
-        ones = torch.ones((), dtype=torch.int64, device=x.device).expand(m)
-        counts.scatter_add_(0, index[:m], ones)  # bincount would sync to size its output
-    counts[0] -= n - count  # the non-finite values, out again
-    counts[bins - 1] += counts[bins]  # the maximum's bin: the last bin holds its right edge
-    ints = torch.cat((torch.stack((nans, infs, zeros)), counts[:bins]))
-    return ints, torch.stack((mean, std, mean_abs, l2_norm))
-
-
 def _unpack(host: torch.Tensor, sizes: list[int], bins: int, wide: torch.dtype) -> Iterator[TensorSummary]:
-    int_width, float_width = len(_INT_STATS) + bins, len(_FLOAT_STATS) + bins + 1
+    int_width = len(_device_summaries.INT_STATS) + bins
+    float_width = len(_device_summaries.FLOAT_STATS) + bins + 1
     split = len(sizes) * int_width * 8
     ints = host[:split].view(torch.int64).tolist()
     floats = host[split:].view(wide).tolist()
