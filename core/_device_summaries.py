@@ -102,7 +102,7 @@ def _device_stats(
     shift = deviations.sum() + outside
     squares = deviations.square_().sum() - outside * mean - shift.square() / count
     std = (squares.clamp(min=0) / count).sqrt()
-    l2_norm = torch.linalg.vector_norm(scaled)
+    l2_norm = (squares.clamp(min=0) + count * mean.square()).sqrt()  # as the host's: vector_norm loses digits
     mean_abs = scaled.abs_().sum() / count
     counts = torch.zeros(bins + 1, dtype=torch.int64, device=x.device)
     index = scratch.take("index", torch.int64, min(n, _passes.CHUNK))

@@ -148,6 +148,13 @@ def _int(value: Any) -> int:
     return value
 
 
+def check_bins(bins: Any) -> int:
+    """``bins`` if it is a number of histogram bins :func:`summarize` takes, else ValueError."""
+    if isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= _MAX_BINS:
+        raise ValueError(f"bins={bins!r}: use an int from 1 to {_MAX_BINS} (64 is the default).")
+    return bins
+
+
 def summarize(tensors: Mapping[str, torch.Tensor], bins: int = 64) -> dict[str, TensorSummary]:
     """Summarises every tensor of ``tensors``, reading the results back in one transfer.
 
@@ -172,8 +179,7 @@ def summarize(tensors: Mapping[str, torch.Tensor], bins: int = 64) -> dict[str, 
         summaries = summarize({"conv1": layer.tensor_contents, "grad/conv1": layer.gradient})
         summaries["conv1"].histogram.counts
     """
-    if isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= _MAX_BINS:
-        raise ValueError(f"bins={bins!r}: use an int from 1 to {_MAX_BINS} (64 is the default).")
+    check_bins(bins)
     if not isinstance(tensors, Mapping):
         raise TypeError(f"tensors must be a mapping of name -> tensor, got {type(tensors).__name__}.")
     keys: dict[str, _Key] = {}
@@ -306,7 +312,7 @@ class _SmallTensors:
     def summaries(
         self, rows: _histogram.Frames, first: int, edges: list[list[float]], bins: int
     ) -> list[TensorSummary | None]:
-        """The summaries, from row ``first`` of ``rows`` on; None where a sum overflowed."""
+        """The summaries, from row ``first`` of ``rows`` on; None for values too large or small."""
         n = self.sizes.double()
         wide = self.values.double()  # the values themselves when they are float64: not in place
         mean = wide.sum(1) / n
@@ -330,7 +336,8 @@ class _SmallTensors:
             self.tensors, self.lows, self.highs, zip(*(c.tolist() for c in columns), strict=True),
             zeros.tolist(), counts[:, :bins].tolist(), edges, strict=True,
         ):
-            if not all(math.isfinite(m) for m in moments):
+            # sums that overflowed, or squares that underflow even in float64: on their own
+            if not all(math.isfinite(m) for m in moments) or _unit(max(-low, high), torch.float64) != 1:
                 found.append(None)
                 continue
             mean_value, std, absolute, l2 = moments
@@ -370,11 +377,8 @@ def _host_summary(
     x = scratch.flat(kept.values, dtype)
     count = x.numel()
     signed = kept.low < 0 < kept.high
-    moments = _host_moments(x, signed, 1.0, scratch)
-    if not all(math.isfinite(m) for m in moments):  # sums past the dtype's largest value
-        peak = max(abs(kept.low), abs(kept.high))
-        moments = _host_moments(x, signed, 2.0 ** (1 - math.frexp(peak)[1]), scratch)  # exact scaling
-    mean, std, mean_abs, l2_norm = moments
+    unit = _unit(max(abs(kept.low), abs(kept.high)), x.dtype)
+    mean, std, mean_abs, l2_norm = _host_moments(x, signed, unit, scratch)
     zeros = _host_zeros(x, scratch) if kept.low <= 0 <= kept.high else 0
     counts = _host_counts(x, frame, bins, scratch)
     return TensorSummary(
@@ -382,6 +386,14 @@ def _host_summary(
         l2_norm=l2_norm, zero_fraction=zeros / count, nan_count=kept.nans, inf_count=kept.infs,
         histogram=Histogram(tuple(edges), tuple(counts)),
     )
+
+
+def _unit(peak: float, dtype: torch.dtype) -> float:
+    """1, or the power of two that brings ``peak`` near 1 when squares of values that large (or
+    that small) would overflow (or underflow) in ``dtype``; scaling by a power of two is exact."""
+    exponent = math.frexp(peak)[1]  # peak = m * 2**exponent, 0.5 <= m < 1 (0 for peak 0)
+    safe, most = (300, 1000) if dtype == torch.float64 else (40, 126)  # 2**most must fit in dtype
+    return 1.0 if -safe <= exponent <= safe else 2.0 ** max(-most, min(most, -exponent))
 
 
 def _host_moments(
@@ -405,7 +417,7 @@ def _host_moments(
     for part in parts:
         deviation = torch.sub(scaled(part), mean, out=buffer[:part.numel()])
         deviations += deviation.sum().item()
-        squares += torch.dot(deviation, deviation).item()
+        squares += deviation.square_().sum().item()  # sum() adds pairwise: dot() loses digits
         if signed:
             magnitudes += torch.abs(scaled(part), out=buffer[:part.numel()]).sum().item()
     if not signed:

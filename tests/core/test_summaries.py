@@ -191,6 +191,32 @@ def test_float64_statistics_do_not_overflow_near_the_largest_double(summarize_on
     assert list(summary.histogram.counts) == reference.tolist()
 
 
+@pytest.mark.parametrize("size", [100, 3000])  # in the batch of small tensors, and on its own
+@pytest.mark.parametrize(
+    ("dtype", "scale"),
+    [(torch.float32, 1e-25), (torch.float32, 1e30), (torch.bfloat16, 1e-30), (torch.float64, 1e-170)],
+)
+def test_tiny_and_huge_values_keep_the_digits_of_their_statistics(
+    summarize_on: Summarize, dtype: torch.dtype, scale: float, size: int
+) -> None:
+    # Their squares under- or overflow unless the sums are scaled (relative tolerance only here).
+    normal = torch.randn(size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    values = (normal * scale).to(dtype)
+    summary = summarize_on({"x": values})["x"]
+    unscaled = values.double().numpy() / scale
+    assert summary.mean == pytest.approx(unscaled.mean() * scale, abs=1e-7 * scale)  # cancels
+    assert summary.std == pytest.approx(unscaled.std() * scale, rel=1e-6)
+    assert summary.l2_norm == pytest.approx(np.sqrt((unscaled**2).sum()) * scale, rel=1e-6)
+
+
+def test_the_std_of_millions_of_float32_values_keeps_its_digits(summarize_on: Summarize) -> None:
+    values = torch.randn(1 << 22, generator=torch.Generator().manual_seed(0)) + 3
+    summary = summarize_on({"x": values})["x"]
+    wide = values.double().numpy()
+    assert summary.std == pytest.approx(wide.std(), rel=1e-6)
+    assert summary.l2_norm == pytest.approx(np.sqrt((wide**2).sum()), rel=1e-6)
+
+
 def test_views_of_the_same_elements_are_summarised_once_and_alike() -> None:
     x = torch.randn(6, 4, generator=torch.Generator().manual_seed(3))
     views = {"x": x, "t": x.t(), "flat": x.reshape(-1), "grad": x.detach(), "tail": x[1:]}
