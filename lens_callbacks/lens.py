@@ -22,6 +22,7 @@ from lens_callbacks.schedule import Schedule
 from lens_callbacks.writers import DiskWriter, Writer
 from lens_core import AnomalyError, AnomalyReport, Capture, ModelHistory, get_rng_states, investigate
 from lens_core.selection import LayerSpec, Selection
+from lens_core.summaries import check_bins
 
 __all__ = ["Lens"]
 
@@ -107,8 +108,7 @@ class Lens:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         Selection(layers, (name for name, _ in model.named_modules()), "layers")  # fail early
-        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
-            raise ValueError(f"bins={bins!r}: use an int >= 1 (64 is a good default).")
+        check_bins(bins)  # here, not at the first captured step
         if isinstance(accumulate_grad_batches, bool) or not isinstance(accumulate_grad_batches, int) \
                 or accumulate_grad_batches < 1:
             raise ValueError(f"accumulate_grad_batches={accumulate_grad_batches!r}: use an int >= 1.")

@@ -159,6 +159,7 @@ def test_dict_batches() -> None:
         ({"when": 3}, TypeError, "when=3: use a callable"),
         ({"stages": ["training"]}, ValueError, r"stages=\['training'\]: choose from"),
         ({"bins": 0}, ValueError, "bins=0"),
+        ({"bins": 70000}, ValueError, "bins=70000: use an int from 1 to 65536"),  # not mid-training
         ({"layers": 2.5}, TypeError, "layers=2.5 is not a layer selection"),
         ({"writers": [object()]}, TypeError, "has no write"),
         ({"accumulate_grad_batches": 0}, ValueError, "accumulate_grad_batches=0"),
