@@ -268,7 +268,7 @@ def _summarize_on_host(tensors: list[torch.Tensor], bins: int) -> list[TensorSum
                 if summary is not None:
                     found[index] = summary
                     continue
-                # sums past the largest float64: the one-tensor code scales the values
+                # values whose squares over- or underflow float64: the one-tensor code scales them
                 tensor, j = tensors[index], first + row
                 kept = _Finite(tensor, tensor.numel(), 0, 0, batch.lows[row], batch.highs[row])
                 found[index] = _host_summary(kept, dtype, bins, all_edges[j], arithmetic[j], scratch)
