@@ -12,7 +12,7 @@ from lens_core.history import ModelHistory
 from lens_core.records import FrameInfo, Layer, ParamInfo
 from lens_core.render import show_model_graph
 from lens_core.store import CaptureFormatError, load, load_extra, load_summaries, save
-from lens_core.summaries import Histogram, TensorSummary, summarize
+from lens_core.summaries import Histogram, Summaries, TensorSummary, summarize
 from lens_core.validation import (
     LayerCheck,
     ValidationReport,
@@ -34,6 +34,7 @@ __all__ = [
     "LensError",
     "ModelHistory",
     "ParamInfo",
+    "Summaries",
     "TensorSummary",
     "ValidationReport",
     "capture",

@@ -108,6 +108,9 @@ def format_history(history: ModelHistory) -> str:
         "\tLayers:",
     ]
     for layer in history.layer_list:
-        saved = "" if layer.has_saved_activations or history.num_tensors_saved == 0 else " (not saved)"
+        if layer.summarized:
+            saved = " (summarised, not kept)"
+        else:
+            saved = "" if layer.has_saved_activations or history.num_tensors_saved == 0 else " (not saved)"
         lines.append(f"\t\t{layer.index}: {layer.label}{saved}")
     return "\n".join(lines)

@@ -16,6 +16,7 @@ IEEE arithmetic gives the same bits whether an operand is a scalar or a broadcas
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -53,14 +54,41 @@ def frames(low: torch.Tensor, high: torch.Tensor, bins: int) -> Frames:
     first = torch.where(torch.isinf(first), low, first)
     last = torch.where(torch.isinf(last), high, last)
     width = last - first
+    count = torch.full_like(width, bins)  # a tensor: `bins / width` would multiply by 1 / width
     # a range wider than the dtype's largest value overflows: halve everything; one so narrow
     # that bins / width overflows lies among tiny values: scale them up (powers of two: exact)
     up = torch.full_like(width, 2.0 ** (256 if width.dtype == torch.float64 else 64))
-    unit = torch.where(torch.isinf(bins / width), up, torch.ones_like(width))
+    unit = torch.where(torch.isinf(count / width), up, torch.ones_like(width))
     unit = torch.where(torch.isinf(width), torch.full_like(width, 0.5), unit)
     origin = first * unit
-    scale = bins / (last * unit - origin)
+    scale = count / (last * unit - origin)
     return Frames(first, last, unit, origin, scale)
+
+
+def frame(low: float, high: float, bins: int, dtype: torch.dtype) -> tuple[float, float] | None:
+    """``(origin, scale)`` of :func:`frames` for one tensor, worked out on the host.
+
+    Where ``frames`` needs no special case (``low < high``, and neither the width nor the scale
+    overflows), its unit is 1, its origin ``low`` and its scale ``bins / (high - low)``; each
+    step here rounds as ``dtype`` does, so the bins are the same. Otherwise None.
+    """
+    if not low < high:
+        return None
+    # in float64 and rounded to float32 once more: the same as float32's own rounding of one
+    # operation (53 >= 2 x 24 + 2 bits)
+    width = _rounded(high - low, dtype)
+    scale = None if width is None else _rounded(bins / width, dtype)
+    return None if scale is None else (low, scale)
+
+
+def _rounded(value: float, dtype: torch.dtype) -> float | None:
+    """``value`` rounded to ``dtype`` (float32 or float64), or None where that overflows."""
+    if dtype == torch.float32:
+        try:
+            value = struct.unpack("f", struct.pack("f", value))[0]
+        except OverflowError:
+            return None
+    return value if math.isfinite(value) else None
 
 
 def positions(

@@ -27,6 +27,7 @@ from lens_core.recorder import Recorder, iter_tensors
 from lens_core.records import ModelIndex
 from lens_core.render import check_render_options
 from lens_core.selection import LayerSpec, Selection
+from lens_core.summaries import Summaries
 
 __all__ = ["Capture", "capture", "get_model_metadata", "log_forward_pass"]
 
@@ -72,6 +73,13 @@ class Capture:
         save_function_args: keep each op's arguments (TorchLens's option), which lets an op be
             re-run: :meth:`ModelHistory.param_gradients` and validation need it. Costs memory
             and time; off by default.
+        summaries: summarise the selected outputs that it takes at once (large CPU tensors,
+            :meth:`Summaries.streams`) into it as they are made, and with ``gradients`` their
+            gradients as they arrive, instead of keeping them: their layers are ``summarized``
+            and hold no ``tensor_contents`` or ``gradient``, and ``summaries.result()`` has them
+            under ``("activation", layer.index)`` and ``("gradient", layer.index)``. Values
+            summarised while in cache and then freed are what make capturing every training
+            step affordable. The other selected outputs are kept as usual.
     """
 
     def __init__(
@@ -83,6 +91,7 @@ class Capture:
         gradients: bool = False,
         grad_scaler: Any = None,
         save_function_args: bool = False,
+        summaries: Summaries | None = None,
         _argument: str = "layers",
     ) -> None:
         self.model = _check_model(model)
@@ -101,6 +110,11 @@ class Capture:
         if not isinstance(save_function_args, bool):
             raise TypeError(f"save_function_args must be True or False, got {save_function_args!r}.")
         self._keep_calls = save_function_args
+        if summaries is not None and not isinstance(summaries, Summaries):
+            raise TypeError(
+                f"summaries must be a lens_core.Summaries or None, got {type(summaries).__name__}."
+            )
+        self.summaries = summaries
         self.argument = _argument  # what the user called `layers`, for error messages
         self.selection = Selection(layers, (name for name, _ in model.named_modules()), _argument)
         self._recorder: Recorder | None = None
@@ -150,7 +164,7 @@ class Capture:
                 torch.manual_seed(self.random_seed)
             self._recorder = Recorder(
                 ModelIndex.of(self.model), self.selection, stop_frame, gradients=self.gradients,
-                unscale=self._unscale, keep_calls=self._keep_calls,
+                unscale=self._unscale, keep_calls=self._keep_calls, summaries=self.summaries,
             )
             self._started_at = perf_counter()
             self._recorder.install()
@@ -251,6 +265,10 @@ def _build_history(cap: Capture, recorder: Recorder, elapsed: float, strict: boo
                 if entry.gradient_slot is not None:
                     entry.gradient_slot.detach()
                     entry.gradient_slot = None
+                if entry.summarized and cap.summaries is not None:  # made in case, as above
+                    cap.summaries.discard(("activation", entry.index))
+                    cap.summaries.discard(("gradient", entry.index))
+                    entry.summarized = False
     unmatched = [
         item for item in selection.items
         if not callable(item) and not any(item is m or item == m for m in matched)
@@ -269,7 +287,7 @@ def _build_history(cap: Capture, recorder: Recorder, elapsed: float, strict: boo
     if selection.everything or selection.is_empty:
         listed = [e.label for e in entries]
     else:
-        listed = [e.label for e in entries if e.has_saved_activations]
+        listed = [e.label for e in entries if e.has_saved_activations or e.summarized]
     return ModelHistory(
         model_name=type(cap.model).__name__,
         layer_list=entries,

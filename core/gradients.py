@@ -27,9 +27,11 @@ class GradientSlot:
         source: loads a gradient stored earlier, on first read of :attr:`value` (histories
             read from disk keep gradients on disk until asked for).
         count: how many backward passes the stored gradient adds up.
+        sink: offered each arriving gradient (unscaled) first; when it returns True it has
+            taken it (summarised it, say) and the slot keeps nothing.
     """
 
-    __slots__ = ("_source", "_value", "count", "handle", "unscale")
+    __slots__ = ("_source", "_value", "count", "handle", "sink", "unscale")
 
     def __init__(
         self,
@@ -37,11 +39,13 @@ class GradientSlot:
         *,
         source: Callable[[], torch.Tensor] | None = None,
         count: int = 0,
+        sink: Callable[[torch.Tensor], bool] | None = None,
     ) -> None:
         self._value: torch.Tensor | None = None
         self._source = source
         self.count = count
         self.unscale = unscale
+        self.sink = sink
         self.handle: RemovableHandle | None = None
 
     @property
@@ -59,8 +63,13 @@ class GradientSlot:
 
     @property
     def has_value(self) -> bool:
-        """Whether a gradient arrived (or is stored), without loading a stored one."""
+        """Whether a gradient is held (or stored), without loading a stored one."""
         return self._value is not None or self._source is not None
+
+    @property
+    def arrived(self) -> bool:
+        """Whether a backward pass reached the output (its gradient may have gone to the sink)."""
+        return self.count > 0 or self.has_value
 
     def attach(self, tensor: torch.Tensor) -> None:
         """Starts receiving gradients of ``tensor``."""
@@ -75,5 +84,6 @@ class GradientSlot:
         grad = grad.detach()
         if self.unscale is not None:
             grad = grad / self.unscale()
-        self.value = grad if self.value is None else self.value + grad
+        if not (self.sink is not None and self.sink(grad)):
+            self.value = grad if self.value is None else self.value + grad
         self.count += 1

@@ -443,7 +443,7 @@ class _Builder:
 def _has_gradient(layer: Layer) -> bool:
     """Whether a gradient reached the layer, without loading one stored on disk."""
     slot = layer.gradient_slot
-    return slot is not None and slot.has_value
+    return slot is not None and slot.arrived
 
 
 def _carried_gradient(parent: Layer, child: Layer) -> bool:

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
+from functools import partial
 from threading import get_ident
 from time import perf_counter
 from types import CodeType, FrameType
@@ -33,6 +35,7 @@ from lens_core._ops import MUTATES_NOTHING, OpInfo, describe, write_through_view
 from lens_core.gradients import GradientSlot
 from lens_core.records import CallRecord, Layer, ModelIndex, ParamInfo, ParentRef, StackNode
 from lens_core.selection import Selection
+from lens_core.summaries import Summaries
 
 # Per-callable facts, shared by all captures: torch callables live as long as the process.
 _OP_INFO: dict[Callable[..., Any], OpInfo] = {}
@@ -61,6 +64,23 @@ def iter_tensors(obj: Any, depth: int = 0) -> Iterator[Tensor]:
             yield from iter_tensors(item, depth + 1)
 
 
+def _stream_gradient(summaries: Summaries, key: tuple[str, int], grad: Tensor) -> bool:
+    """A gradient sink: hands ``grad`` to ``summaries`` if it summarises it at once."""
+    if not summaries.streams(grad):
+        return False  # the slot keeps it, and the summary is made from it later
+    if key in summaries:  # a second backward pass through the same output
+        warnings.warn(
+            f"lens_core: a second backward pass reached layer #{key[1]} of a capture that "
+            "summarises gradients as they arrive; its gradient summary is of the first pass only "
+            "(capture without summaries= to have the gradients add up).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return True
+    summaries.add(key, grad)
+    return True
+
+
 def _storage_key(tensor: Tensor) -> int | None:
     try:
         return int(tensor.untyped_storage().data_ptr())
@@ -80,9 +100,11 @@ class Recorder(TorchFunctionMode):
         gradients: bool = False,
         unscale: Callable[[], float] | None = None,
         keep_calls: bool = False,
+        summaries: Summaries | None = None,
     ) -> None:
         super().__init__()
         self._gradients = gradients
+        self._summaries = summaries
         self._unscale = unscale
         self._keep_calls = keep_calls
         self._buffers_before: dict[int, Tensor] = {}
@@ -342,10 +364,19 @@ class Recorder(TorchFunctionMode):
         return entry
 
     def _save(self, entry: Layer, tensor: Tensor) -> None:
-        entry.tensor_contents = tensor
+        summaries = self._summaries
+        if summaries is not None and not summaries.streams(tensor):
+            summaries = None  # kept: summarised from tensor_contents after the step
         if self._gradients and tensor.requires_grad:
-            entry.gradient_slot = GradientSlot(self._unscale)
+            gradient_key = ("gradient", entry.index)
+            sink = None if summaries is None else partial(_stream_gradient, summaries, gradient_key)
+            entry.gradient_slot = GradientSlot(self._unscale, sink=sink)
             entry.gradient_slot.attach(tensor)
+        if summaries is not None:  # summarised now: nothing is kept, so nothing to copy before writes
+            summaries.add(("activation", entry.index), tensor)
+            entry.summarized = True
+            return
+        entry.tensor_contents = tensor
         key = _storage_key(tensor)
         if key is not None:
             self._saved_by_storage.setdefault(key, []).append(entry)

@@ -189,6 +189,9 @@ class Layer:
     """The saved output, if held in memory (see :attr:`tensor_contents`)."""
     tensor_source: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
     """Loads the saved output on first use (histories loaded from disk)."""
+    summarized: bool = False
+    """Whether the output was selected but handed to the capture's ``Summaries`` instead of
+    being kept (``tensor_contents`` is then None)."""
     label: str = ""
     """Unique label of this pass: ``conv2d_3_7``, or ``linear_1_1:2`` for a multi-pass layer."""
     layer_label: str = ""

@@ -19,10 +19,10 @@ used: it needs its range on the host (a sync per tensor) and bins with its own a
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Hashable, Iterator, Mapping
+from typing import Any, NamedTuple
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -30,7 +30,7 @@ from torch.nn.utils.rnn import pad_sequence
 from lens_core import _device_summaries, _histogram, _passes
 from lens_core._passes import Scratch
 
-__all__ = ["Histogram", "TensorSummary", "summarize"]
+__all__ = ["Histogram", "Summaries", "TensorSummary", "summarize"]
 
 # Most histogram bins: float32 arithmetic places values in this many bins exactly.
 _MAX_BINS = 1 << 16
@@ -41,7 +41,7 @@ _SMALL = 2048
 _STRIPES = 8
 
 
-@dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Histogram:
     """Counts of values in equal-width bins, the layout TensorBoard and W&B histograms take."""
 
@@ -54,7 +54,7 @@ class Histogram:
     """Number of finite values in each bin (empty when there is no finite value)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class TensorSummary:
     """Summary statistics and histogram of one tensor.
 
@@ -179,31 +179,121 @@ def summarize(tensors: Mapping[str, torch.Tensor], bins: int = 64) -> dict[str, 
         summaries = summarize({"conv1": layer.tensor_contents, "grad/conv1": layer.gradient})
         summaries["conv1"].histogram.counts
     """
-    check_bins(bins)
     if not isinstance(tensors, Mapping):
         raise TypeError(f"tensors must be a mapping of name -> tensor, got {type(tensors).__name__}.")
+    summaries = Summaries(bins)
     keys: dict[str, _Key] = {}
-    distinct: dict[_Key, torch.Tensor] = {}
     for name, tensor in tensors.items():
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"tensors[{name!r}] is a {type(tensor).__name__}, not a torch.Tensor.")
-        if tensor.is_complex():
-            raise TypeError(
-                f"tensors[{name!r}] is complex ({tensor.dtype}); summarise a real view of it, "
-                "e.g. tensor.abs() or torch.view_as_real(tensor)."
-            )
-        if tensor.numel():
-            keys[name] = _elements(tensor)
-            distinct.setdefault(keys[name], tensor.detach())
-    by_device: dict[torch.device, list[_Key]] = {}
-    for key, tensor in distinct.items():
-        by_device.setdefault(tensor.device, []).append(key)
-    found: dict[_Key, TensorSummary] = {}
-    with torch.no_grad():
-        for device, group in by_device.items():
-            summarise = _summarize_on_host if device.type == "cpu" else _summarize_on_device
-            found.update(zip(group, summarise([distinct[key] for key in group], bins), strict=True))
-    return {name: found[keys[name]] if name in keys else _no_finite_values(0, 0, 0) for name in tensors}
+        keys[name] = _elements(_checked(name, tensor))
+        if keys[name] not in summaries:
+            summaries.add(keys[name], tensor)
+    found = summaries.result()
+    return {name: found[keys[name]] for name in tensors}
+
+
+class Summaries:
+    """Summaries of tensors handed over one at a time, as a training step makes them.
+
+    :func:`summarize` takes every tensor at once; a captured training step would then hold
+    each activation and gradient until its end, memory the backward pass cannot reuse (fresh
+    pages at every step). :meth:`add` summarises a large CPU tensor at once instead, while its
+    values are in cache, and keeps nothing of it: everything but the histogram's inner edges,
+    which :meth:`result` works out for all tensors together. Other tensors are kept until
+    :meth:`result`: small ones (cheaper together), those on an accelerator (they stay there
+    until one transfer) and large ones that need the general code (NaN or infinity in an
+    unusual range, one distinct value), as a copy.
+
+    Example::
+
+        summaries = Summaries(bins=64)
+        summaries.add("conv1", activation)  # summarised now if streams(activation)
+        summaries.result()["conv1"].histogram.edges
+
+    Args:
+        bins: number of histogram bins.
+
+    Raises:
+        ValueError: ``bins`` is not an int from 1 to 65536.
+    """
+
+    def __init__(self, bins: int = 64) -> None:
+        self.bins = check_bins(bins)
+        self._keys: dict[Hashable, None] = {}  # every key, in the order added
+        self._kept: dict[Hashable, torch.Tensor] = {}
+        self._streamed: dict[Hashable, _Binned] = {}
+        self._scratch = Scratch(torch.device("cpu"))
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._keys
+
+    @staticmethod
+    def streams(tensor: torch.Tensor) -> bool:
+        """Whether :meth:`add` summarises ``tensor`` at once: then the caller may free it or
+        write to it afterwards; otherwise it must leave it as it is until :meth:`result`."""
+        return tensor.device.type == "cpu" and tensor.numel() > _SMALL and not tensor.is_complex()
+
+    def add(self, key: Hashable, tensor: torch.Tensor) -> None:
+        """Adds ``tensor``'s summary under ``key`` (see :meth:`streams` for when it is made).
+
+        Raises:
+            TypeError: ``tensor`` is not a tensor, or is complex.
+            ValueError: ``key`` was added before.
+        """
+        if key in self._keys:
+            raise ValueError(f"Summaries.add: {key!r} was added before; each key takes one tensor.")
+        # the summary's own ops are not the model's: no capture records them, autograd neither
+        with torch._C.DisableTorchFunction(), torch.no_grad():
+            tensor = _checked(key, tensor).detach()
+            if not self.streams(tensor):
+                self._kept[key] = tensor
+            else:
+                streamed = _stream(tensor, self.bins, self._scratch)
+                if streamed is None:
+                    self._kept[key] = tensor.clone()  # for the general code, at the end
+                else:
+                    self._streamed[key] = streamed
+        self._keys[key] = None
+
+    def clear(self) -> None:
+        """Forgets every summary, keeping the scratch memory for the next step's."""
+        for table in (self._keys, self._kept, self._streamed):
+            table.clear()
+
+    def discard(self, key: Hashable) -> None:
+        """Forgets ``key`` (no error if it was not added)."""
+        for table in (self._keys, self._kept, self._streamed):
+            table.pop(key, None)
+
+    def result(self) -> dict[Hashable, TensorSummary]:
+        """Every summary, in the order added (one transfer per accelerator holding tensors)."""
+        found: dict[Hashable, TensorSummary] = {}
+        binned: dict[Hashable, _Binned] = dict(self._streamed)
+        with torch._C.DisableTorchFunction(), torch.no_grad():
+            by_device: dict[torch.device, list[Hashable]] = {}
+            for key, tensor in self._kept.items():
+                if tensor.numel():
+                    by_device.setdefault(tensor.device, []).append(key)
+                else:
+                    found[key] = _no_finite_values(0, 0, 0)
+            for device, group in by_device.items():
+                tensors = [self._kept[key] for key in group]
+                if device.type == "cpu":
+                    binned.update(zip(group, _bin_on_host(tensors, self.bins), strict=True))
+                else:
+                    found.update(zip(group, _summarize_on_device(tensors, self.bins), strict=True))
+            found.update(_with_edges(binned, self.bins))  # every CPU tensor's edges in one search
+        return {key: found[key] for key in self._keys}
+
+
+def _checked(name: Hashable, tensor: Any) -> torch.Tensor:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"tensors[{name!r}] is a {type(tensor).__name__}, not a torch.Tensor.")
+    if tensor.is_complex():
+        raise TypeError(
+            f"tensors[{name!r}] is complex ({tensor.dtype}); summarise a real view of it, "
+            "e.g. tensor.abs() or torch.view_as_real(tensor)."
+        )
+    return tensor
 
 
 # What identifies the elements of a tensor: its device, dtype, first element and the
@@ -223,7 +313,7 @@ def _elements(tensor: torch.Tensor) -> _Key:
 # infinity (nearly all of them) skip every masking pass; sums run on the values themselves.
 
 
-@dataclass(slots=True)
+@dataclasses.dataclass(slots=True)
 class _Finite:
     """The finite values of one tensor and what was set aside."""
 
@@ -235,8 +325,8 @@ class _Finite:
     high: float
 
 
-def _summarize_on_host(tensors: list[torch.Tensor], bins: int) -> list[TensorSummary]:
-    found: dict[int, TensorSummary] = {}
+def _bin_on_host(tensors: list[torch.Tensor], bins: int) -> list[_Binned]:
+    found: dict[int, _Binned] = {}
     for dtype, indices in _passes.by_compute_dtype(tensors):
         scratch = Scratch(torch.device("cpu"))
         batch = _SmallTensors.of([i for i in indices if tensors[i].numel() <= _SMALL], tensors, dtype)
@@ -247,7 +337,7 @@ def _summarize_on_host(tensors: list[torch.Tensor], bins: int) -> list[TensorSum
                 continue
             kept = _finite_values(tensors[index], dtype, scratch)
             if isinstance(kept, TensorSummary):
-                found[index] = kept
+                found[index] = _Binned(kept, dtype, None)
             else:
                 finite[index] = kept
         low = torch.tensor([kept.low for kept in finite.values()], dtype=dtype)
@@ -257,22 +347,69 @@ def _summarize_on_host(tensors: list[torch.Tensor], bins: int) -> list[TensorSum
         if not low.numel():
             continue
         rows = _histogram.frames(low, high, bins)
-        all_edges = _histogram.edges(rows, bins).tolist()
-        arithmetic = list(zip(*(row.tolist() for row in (rows.unit, rows.origin, rows.scale)), strict=True))
-        for row, (index, kept) in enumerate(finite.items()):
-            found[index] = _host_summary(kept, dtype, bins, all_edges[row], arithmetic[row], scratch)
+        frames = _Frame.rows(rows)
+        for (index, kept), frame in zip(finite.items(), frames[:len(finite)], strict=True):
+            found[index] = _bin(kept, dtype, bins, frame, scratch)
         if batch is not None:
             first = len(finite)
-            summaries = batch.summaries(rows, first, all_edges[first:], bins)
-            for row, (index, summary) in enumerate(zip(batch.indices, summaries, strict=True)):
-                if summary is not None:
-                    found[index] = summary
-                    continue
-                # values whose squares over- or underflow float64: the one-tensor code scales them
-                tensor, j = tensors[index], first + row
-                kept = _Finite(tensor, tensor.numel(), 0, 0, batch.lows[row], batch.highs[row])
-                found[index] = _host_summary(kept, dtype, bins, all_edges[j], arithmetic[j], scratch)
+            binned = batch.binned(rows, first, frames[first:], bins)
+            for row, (index, item) in enumerate(zip(batch.indices, binned, strict=True)):
+                if item is None:  # values whose squares over- or underflow float64: scaled, alone
+                    tensor = tensors[index]
+                    alone = _Finite(tensor, tensor.numel(), 0, 0, batch.lows[row], batch.highs[row])
+                found[index] = item or _bin(alone, dtype, bins, frames[first + row], scratch)
     return [found[index] for index in range(len(tensors))]
+
+
+class _Frame(NamedTuple):
+    """One row of ``_histogram.Frames``, on the host: how the values of one tensor are binned."""
+
+    low: float
+    high: float
+    unit: float
+    origin: float
+    scale: float
+
+    @classmethod
+    def rows(cls, frames: _histogram.Frames) -> list[_Frame]:
+        columns = (frames.low, frames.high, frames.unit, frames.origin, frames.scale)
+        return [cls(*row) for row in zip(*(column.tolist() for column in columns), strict=True)]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Binned:
+    """A CPU summary with its bins counted, waiting for its histogram's edges (``_with_edges``):
+    the edges of all tensors are searched for together, which costs about what one tensor's do."""
+
+    summary: TensorSummary
+    """The summary, its histogram's edges still empty."""
+    dtype: torch.dtype
+    """The dtype of the binning arithmetic."""
+    frame: _Frame | None
+    """The binning arithmetic; None when there is nothing to bin (no finite value)."""
+
+
+def _bin(kept: _Finite, dtype: torch.dtype, bins: int, frame: _Frame, scratch: Scratch) -> _Binned:
+    return _Binned(_host_summary(kept, dtype, bins, frame, scratch), dtype, frame)
+
+
+def _with_edges(binned: Mapping[Hashable, _Binned], bins: int) -> Iterator[tuple[Hashable, TensorSummary]]:
+    """The summaries with their histograms' edges, searched for in one go per dtype."""
+    groups: dict[torch.dtype, list[Hashable]] = {}
+    for key, item in binned.items():
+        if item.frame is None:
+            yield key, item.summary
+        else:
+            groups.setdefault(item.dtype, []).append(key)
+    for dtype, keys in groups.items():
+        frames = [binned[key].frame for key in keys]
+        rows = _histogram.Frames(*(torch.tensor(column, dtype=dtype) for column in zip(*frames, strict=True)))
+        for key, edges in zip(keys, _histogram.edges(rows, bins).tolist(), strict=True):
+            s = binned[key].summary  # rebuilt field by field: dataclasses.replace is 10x slower
+            yield key, TensorSummary(
+                s.numel, s.mean, s.std, s.min, s.max, s.mean_abs, s.l2_norm, s.zero_fraction,
+                s.nan_count, s.inf_count, Histogram(tuple(edges), s.histogram.counts),
+            )
 
 
 class _SmallTensors:
@@ -309,10 +446,11 @@ class _SmallTensors:
             values = values[torch.tensor(finite)]
         return cls(kept, [tensors[i] for i in kept], values)
 
-    def summaries(
-        self, rows: _histogram.Frames, first: int, edges: list[list[float]], bins: int
-    ) -> list[TensorSummary | None]:
-        """The summaries, from row ``first`` of ``rows`` on; None for values too large or small."""
+    def binned(
+        self, rows: _histogram.Frames, first: int, frames: list[_Frame], bins: int
+    ) -> list[_Binned | None]:
+        """The summaries, binned by ``rows`` from row ``first`` on (``frames`` on the host);
+        None for values too large or too small for float64 sums."""
         n = self.sizes.double()
         wide = self.values.double()  # the values themselves when they are float64: not in place
         mean = wide.sum(1) / n
@@ -322,30 +460,31 @@ class _SmallTensors:
         mean_abs = wide.abs().sum(1) / n
         zeros = (self.values == 0).logical_and_(self.inside).sum(1)
         l2_norm = (n * (variance + mean.square())).sqrt()
-        frame = (part[first:, None] for part in (rows.unit, rows.origin, rows.scale))
+        arithmetic = (part[first:, None] for part in (rows.unit, rows.origin, rows.scale))
         placed = torch.where(self.inside, self.values, rows.low[first:, None])  # padding: in bin 0
-        index = _histogram.positions(placed, *frame).long()  # truncates: the bin
+        index = _histogram.positions(placed, *arithmetic).long()  # truncates: the bin
         index += torch.arange(len(self.tensors))[:, None] * (bins + 1)  # in this tensor's bins
         counts = torch.bincount(index.reshape(-1), minlength=len(self.tensors) * (bins + 1))
         counts = counts.view(-1, bins + 1)
         counts[:, 0] -= self.values.shape[1] - self.sizes  # the padding, out again
         counts[:, bins - 1] += counts[:, bins]  # the maximum's bin: the last bin holds its right edge
-        found: list[TensorSummary | None] = []
+        found: list[_Binned | None] = []
         columns = (mean, variance.sqrt(), mean_abs, l2_norm)
-        for tensor, low, high, moments, zero_count, binned, row_edges in zip(
+        for tensor, low, high, moments, zero_count, binned, frame in zip(
             self.tensors, self.lows, self.highs, zip(*(c.tolist() for c in columns), strict=True),
-            zeros.tolist(), counts[:, :bins].tolist(), edges, strict=True,
+            zeros.tolist(), counts[:, :bins].tolist(), frames, strict=True,
         ):
             # sums that overflowed, or squares that underflow even in float64: on their own
             if not all(math.isfinite(m) for m in moments) or _unit(max(-low, high), torch.float64) != 1:
                 found.append(None)
                 continue
             mean_value, std, absolute, l2 = moments
-            found.append(TensorSummary(
+            summary = TensorSummary(
                 numel=tensor.numel(), mean=mean_value, std=std, min=low, max=high, mean_abs=absolute,
                 l2_norm=l2, zero_fraction=zero_count / tensor.numel(), nan_count=0, inf_count=0,
-                histogram=Histogram(tuple(row_edges), tuple(binned)),
-            ))
+                histogram=Histogram((), tuple(binned)),
+            )
+            found.append(_Binned(summary, self.values.dtype, frame))
         return found
 
 
@@ -367,13 +506,9 @@ def _finite_values(tensor: torch.Tensor, dtype: torch.dtype, scratch: Scratch) -
 
 
 def _host_summary(
-    kept: _Finite,
-    dtype: torch.dtype,
-    bins: int,
-    edges: list[float],
-    frame: tuple[float, float, float],
-    scratch: Scratch,
+    kept: _Finite, dtype: torch.dtype, bins: int, frame: _Frame, scratch: Scratch
 ) -> TensorSummary:
+    """The summary of finite values, but for the histogram's edges (left empty)."""
     x = scratch.flat(kept.values, dtype)
     count = x.numel()
     signed = kept.low < 0 < kept.high
@@ -384,8 +519,21 @@ def _host_summary(
     return TensorSummary(
         numel=kept.numel, mean=mean, std=std, min=kept.low, max=kept.high, mean_abs=mean_abs,
         l2_norm=l2_norm, zero_fraction=zeros / count, nan_count=kept.nans, inf_count=kept.infs,
-        histogram=Histogram(tuple(edges), tuple(counts)),
+        histogram=Histogram((), tuple(counts)),
     )
+
+
+def _stream(tensor: torch.Tensor, bins: int, scratch: Scratch) -> _Binned | None:
+    """A CPU tensor's summary but for the edges; None where it needs the general code."""
+    dtype = _passes.compute_dtype(tensor.dtype)
+    kept = _finite_values(tensor, dtype, scratch)
+    if isinstance(kept, TensorSummary):  # no finite value: complete as it is
+        return _Binned(kept, dtype, None)
+    arithmetic = _histogram.frame(kept.low, kept.high, bins, dtype)
+    if arithmetic is None:
+        return None
+    origin, scale = arithmetic
+    return _bin(kept, dtype, bins, _Frame(kept.low, kept.high, 1.0, origin, scale), scratch)
 
 
 def _unit(peak: float, dtype: torch.dtype) -> float:
@@ -439,9 +587,7 @@ def _host_zeros(x: torch.Tensor, scratch: Scratch) -> int:
     return sum(int(torch.eq(part, 0, out=buffer[:part.numel()]).sum().item()) for part in parts)
 
 
-def _host_counts(
-    x: torch.Tensor, frame: tuple[float, float, float], bins: int, scratch: Scratch
-) -> list[int]:
+def _host_counts(x: torch.Tensor, frame: _Frame, bins: int, scratch: Scratch) -> list[int]:
     """The bin counts of ``x``.
 
     ``bincount`` waits on its previous increment when consecutive values fall in one bin (half
@@ -455,7 +601,8 @@ def _host_counts(
     counts = torch.zeros(_STRIPES * (bins + 1), dtype=torch.int64)
     for part in torch.split(x, _passes.CHUNK):
         m = part.numel()
-        index[:m].copy_(_histogram.positions(part, *frame, out=buffer[:m]))  # truncates: the bin
+        positions = _histogram.positions(part, frame.unit, frame.origin, frame.scale, out=buffer[:m])
+        index[:m].copy_(positions)  # truncates: the bin
         counts += torch.bincount(index[:m].add_(stripes[:m]), minlength=counts.numel())
     *binned, top = counts.view(_STRIPES, bins + 1).sum(0).tolist()
     binned[-1] += top  # the maximum's bin: the last bin holds its right edge

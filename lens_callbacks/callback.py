@@ -126,6 +126,8 @@ class LensCallback(Callback):
             accumulate_grad_batches=trainer.accumulate_grad_batches,
             **options,
         )
+        # manual optimization may run several backward passes through the same outputs
+        self.lens.summarize_as_made &= bool(getattr(pl_module, "automatic_optimization", True))
         self.lens.rank = trainer.global_rank
         self.lens.enabled = self._ranks == "all" or trainer.global_rank == 0
         self.lens.last_step = self._last_step

@@ -22,7 +22,7 @@ from lens_callbacks.schedule import Schedule
 from lens_callbacks.writers import DiskWriter, Writer
 from lens_core import AnomalyError, AnomalyReport, Capture, ModelHistory, get_rng_states, investigate
 from lens_core.selection import LayerSpec, Selection
-from lens_core.summaries import check_bins
+from lens_core.summaries import Summaries, check_bins
 
 __all__ = ["Lens"]
 
@@ -43,6 +43,7 @@ class _Pending:
 
     step: int
     stage: str
+    summaries: Summaries | None  # made as the capture runs (see Lens.summarize_as_made)
     histories: list[ModelHistory] = field(default_factory=list)
 
 
@@ -128,6 +129,14 @@ class Lens:
         self.grad_scaler = grad_scaler
         self.accumulate_grad_batches = accumulate_grad_batches
         self.strict = strict
+        self.summarize_as_made = accumulate_grad_batches == 1 and not any(
+            getattr(writer, "save_tensors", True) for writer in self.writers
+        )
+        """Summarise large CPU activations as they are made and their gradients as they arrive,
+        keeping none of them (``lens_core.Summaries``), rather than all at the step's end: far
+        less memory and time. On when no writer needs full tensors (``save_tensors``) and each
+        step is one micro-batch; set it False for steps that run several backward passes
+        through the same outputs, whose gradients then add up as ``.grad`` does."""
         self.rank = 0
         self.enabled = True
         self.last_step: int | None = None
@@ -135,6 +144,7 @@ class Lens:
         self.previous_loss: float | None = None
         self._capture: Capture | None = None
         self._pending: _Pending | None = None
+        self._summaries: Summaries | None = None
         self._eager: contextlib.AbstractContextManager[Any] | None = None
         self._step: int | None = None  # the step running now, and the RNG at its start
         self._step_rng: dict[str, torch.Tensor] | None = None
@@ -226,23 +236,38 @@ class Lens:
     def arm(self, step: int, stage: str = "train") -> bool:
         """Starts capturing the next micro-batch if its step is due (or its step is pending)."""
         pending = self._pending
-        if pending is not None and (pending.step, pending.stage) != (step, stage):
+        # summaries made as a micro-batch ran cannot pool with another's: one record each
+        if pending is not None and ((pending.step, pending.stage) != (step, stage)
+                                    or (pending.summaries is not None and pending.histories)):
             self.flush()
             pending = None
         if pending is None and not self.due(step, stage):
             return False
         if self._pending is None:
-            self._pending = _Pending(step, stage)
+            self._pending = _Pending(step, stage, self._streamed_summaries())
         self._eager = torch.compiler.set_stance("force_eager")  # compiled modules run eagerly
         self._eager.__enter__()
         try:
-            self._capture = Capture(self.model, self.layers, gradients=True, grad_scaler=self.grad_scaler)
+            self._capture = Capture(
+                self.model, self.layers, gradients=True, grad_scaler=self.grad_scaler,
+                summaries=self._pending.summaries,
+            )
             self._capture.start()
         except BaseException:
             self._capture = None
             self._leave_eager()
             raise
         return True
+
+    def _streamed_summaries(self) -> Summaries | None:
+        """The summaries a capture makes as it runs, if it does; one object for every step, so
+        that its scratch memory is mapped once, not at every step."""
+        if not self.summarize_as_made:
+            return None
+        if self._summaries is None:
+            self._summaries = Summaries(self.bins)
+        self._summaries.clear()
+        return self._summaries
 
     @property
     def capturing(self) -> bool:
@@ -265,7 +290,8 @@ class Lens:
         if pending is None or not pending.histories:
             return
         record = build_record(
-            pending.step, pending.stage, self.rank, pending.histories, self.model, self.bins
+            pending.step, pending.stage, self.rank, pending.histories, self.model, self.bins,
+            pending.summaries,
         )
         if pending.stage == "train":
             self.last_step = pending.step

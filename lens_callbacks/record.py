@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
 
 from lens_core import Layer, ModelHistory
-from lens_core.summaries import TensorSummary, summarize
+from lens_core.summaries import Summaries, TensorSummary
 
 __all__ = ["CaptureRecord", "build_record"]
 
@@ -52,14 +53,21 @@ class CaptureRecord:
         return None
 
 
+def _selected(histories: Sequence[ModelHistory]) -> Iterator[Layer]:
+    """The layers the capture kept or summarised as it ran."""
+    for history in histories:
+        for layer in history.layer_list:
+            if layer.summarized or layer.has_saved_activations:
+                yield layer
+
+
 def _pooled(histories: Sequence[ModelHistory], gradients: bool) -> dict[str, torch.Tensor]:
     pooled: dict[str, list[torch.Tensor]] = {}
-    for history in histories:
-        for layer in history.saved_layers:
-            value = layer.gradient if gradients else layer.tensor_contents
-            if value is not None:
-                pooled.setdefault(layer.label, []).append(value.detach())
-    # one micro-batch: the tensor itself (a view of another layer's output is then summarised once)
+    for layer in _selected(histories):
+        value = layer.gradient if gradients else layer.tensor_contents
+        if value is not None:
+            pooled.setdefault(layer.label, []).append(value.detach())
+    # one micro-batch: the tensor itself, no copy
     return {
         label: parts[0] if len(parts) == 1 else torch.cat([part.reshape(-1) for part in parts])
         for label, parts in pooled.items()
@@ -73,22 +81,32 @@ def build_record(
     histories: list[ModelHistory],
     model: nn.Module | None,
     bins: int,
+    streamed: Summaries | None = None,
 ) -> CaptureRecord:
-    """Summarises the captured micro-batches (one device-to-host transfer per kind of value)."""
-    used = {p.name for history in histories for layer in history.saved_layers for p in layer.params}
-    values: dict[str, torch.Tensor] = {}
+    """Summarises the captured micro-batches (one device-to-host transfer per device).
+
+    ``streamed``: the summaries the capture of the (one) micro-batch made as it ran, keyed
+    ``(kind, layer index)`` (``lens_core.Capture``'s ``summaries``); what it kept whole is added
+    to them here, so that the histogram edges of all are worked out in one go.
+    """
+    summaries = streamed if streamed is not None else Summaries(bins)
     for label, tensor in _pooled(histories, gradients=False).items():
-        values[f"a/{label}"] = tensor
+        summaries.add(("activation", label), tensor)
     for label, tensor in _pooled(histories, gradients=True).items():
-        values[f"g/{label}"] = tensor
+        summaries.add(("gradient", label), tensor)
     if model is not None:
+        used = {p.name for layer in _selected(histories) for p in layer.params}
         for name, param in model.named_parameters():
             if name in used and param.grad is not None:
-                values[f"p/{name}"] = param.grad.detach()
-    summaries = summarize(values, bins=bins)  # all of them at once: one transfer to the host
+                summaries.add(("parameter", name), param.grad)
     record = CaptureRecord(step=step, stage=stage, rank=rank, histories=histories)
-    kinds = {"a": record.activations, "g": record.gradients, "p": record.parameter_gradients}
-    for key, summary in summaries.items():
-        kind, _, name = key.partition("/")
-        kinds[kind][name] = summary
+    kinds = {"activation": record.activations, "gradient": record.gradients,
+             "parameter": record.parameter_gradients}
+    found: dict[tuple[str, str], TensorSummary] = {}
+    for key, summary in summaries.result().items():
+        kind, what = cast(tuple[str, str | int], key)  # a layer's label, or its index when streamed
+        found[kind, what if isinstance(what, str) else histories[0].layer_list[what].label] = summary
+    position = {layer.label: i for history in histories for i, layer in enumerate(history.layer_list)}
+    for (kind, name), summary in sorted(found.items(), key=lambda item: position.get(item[0][1], 0)):
+        kinds[kind][name] = summary  # layers in the order they ran, parameters in the model's
     return record

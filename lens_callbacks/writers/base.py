@@ -15,6 +15,11 @@ class Writer(Protocol):
 
     ``write`` should not keep references to the record's tensors after it returns: the driver
     drops them to free memory.
+
+    A writer that reads only summaries and metadata, never ``layer.tensor_contents`` or
+    ``layer.gradient``, says so with a ``save_tensors = False`` attribute: when no writer needs
+    the tensors, captures summarise large CPU tensors as they are made and keep none of them
+    (``lens_core.Summaries``), which makes capturing every step much cheaper.
     """
 
     def write(self, record: CaptureRecord) -> None: ...

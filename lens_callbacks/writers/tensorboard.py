@@ -88,6 +88,8 @@ class TensorBoardWriter:
         TypeError: ``logdir_or_writer`` is neither a path nor a ``SummaryWriter``.
     """
 
+    save_tensors = False  # summaries and metadata only (see the Writer protocol)
+
     def __init__(
         self,
         logdir_or_writer: str | os.PathLike[str] | Any,

@@ -50,6 +50,12 @@ class ListWriter:
         return [seen.step for seen in self.seen]
 
 
+class SummariesOnly(ListWriter):
+    """Reads summaries, never tensors, and says so: captures may then summarise as they run."""
+
+    save_tensors = False
+
+
 class SmallCNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -45,12 +45,12 @@ class DictDataset(TensorDataset):
         return {"image": image, "label": label}
 
 
-def loader(n: int = 32, dict_batches: bool = False, seed: int = 0) -> DataLoader[Any]:
+def loader(n: int = 32, dict_batches: bool = False, seed: int = 0, batch_size: int = 4) -> DataLoader[Any]:
     generator = torch.Generator().manual_seed(seed)
     images = torch.randn(n, 1, 8, 8, generator=generator)
     labels = torch.randint(0, 3, (n,), generator=generator)
     dataset = (DictDataset if dict_batches else TensorDataset)(images, labels)
-    return DataLoader(dataset, batch_size=4, shuffle=False)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False)
 
 
 def trainer(root: Any, callbacks: list[pl.Callback], **kwargs: Any) -> pl.Trainer:

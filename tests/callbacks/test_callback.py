@@ -4,30 +4,39 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 import lens_core as lc
 from lens_callbacks import LensCallback
-from tests.callbacks.helpers import ListWriter
+from tests.callbacks.helpers import ListWriter, SummariesOnly
 from tests.callbacks.lightning_helpers import LitCNN, loader, trainer
 from tests.callbacks.test_lens import nothing_installed
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Lightning's hints on tiny runs
 
 
-def fit(tmp_path: Path, callback: LensCallback | None, seed: int = 0, **kwargs: object) -> LitCNN:
+def fit(
+    tmp_path: Path, callback: LensCallback | None, seed: int = 0, batch_size: int = 4, **kwargs: object
+) -> LitCNN:
     torch.manual_seed(seed)
     model = LitCNN()
-    trainer(tmp_path, [callback] if callback else [], **kwargs).fit(model, loader())
+    run = trainer(tmp_path, [callback] if callback else [], **kwargs)
+    run.fit(model, loader(8 * batch_size, batch_size=batch_size))
     return model
 
 
-def test_observer_effect_is_nil(tmp_path: Path) -> None:
-    plain = fit(tmp_path / "plain", None)
-    writer = ListWriter()
-    captured = fit(tmp_path / "lens", LensCallback(every_n_steps=1, writers=[writer]))
+# Batches of 4 make outputs small enough to be kept until the step's end; of 16, large enough to
+# be summarised as they are made when the writer reads summaries only.
+@pytest.mark.parametrize(("writer", "batch_size"), [(ListWriter(), 4), (SummariesOnly(), 16)])
+def test_observer_effect_is_nil(tmp_path: Path, writer: ListWriter, batch_size: int) -> None:
+    plain = fit(tmp_path / "plain", None, batch_size=batch_size)
+    callback = LensCallback(every_n_steps=1, writers=[writer])
+    captured = fit(tmp_path / "lens", callback, batch_size=batch_size)
+    assert callback.lens is not None
+    assert callback.lens.summarize_as_made == isinstance(writer, SummariesOnly)
     assert writer.steps == [0, 1, 2, 3]
     assert plain.losses == captured.losses
     for a, b in zip(plain.parameters(), captured.parameters(), strict=True):
@@ -163,3 +172,29 @@ def test_fit_then_test_reuses_the_writers(tmp_path: Path) -> None:
     run.fit(model, loader())
     run.test(model, loader(8))
     assert [(seen.stage, seen.step) for seen in writer.seen] == [("train", 0), ("train", 2), ("test", 4)]
+
+
+class ManualCNN(LitCNN):
+    """Manual optimization: the step may run several backward passes through the same outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        optimizer = self.optimizers()
+        loss = super().training_step(batch, batch_idx)
+        optimizer.zero_grad()  # type: ignore[union-attr]
+        self.manual_backward(loss)
+        optimizer.step()  # type: ignore[union-attr]
+        return loss
+
+
+def test_manual_optimization_keeps_gradients_whole_so_that_they_add_up(tmp_path: Path) -> None:
+    writer = SummariesOnly()
+    callback = LensCallback(every_n_steps=1, writers=[writer])
+    trainer(tmp_path, [callback], max_steps=2).fit(ManualCNN(), loader(32, batch_size=16))
+    assert callback.lens is not None
+    assert not callback.lens.summarize_as_made
+    assert writer.steps == [0, 1]
+    assert {"conv2d_1_1", "linear_1_9"} <= set(writer.seen[0].gradients)  # large and small ones

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from torch.nn.modules import module as module_globals
 
 import lens_core as lc
 from lens_callbacks import Lens
-from tests.callbacks.helpers import ListWriter, SmallCNN, batches
+from tests.callbacks.helpers import ListWriter, SmallCNN, SummariesOnly, batches
 
 
 def nothing_installed() -> bool:
@@ -194,3 +195,32 @@ def test_compiled_modules_run_eagerly_on_captured_steps() -> None:
     assert writer.steps == [1]
     assert writer.seen[0].labels == ["conv2d_1_1", "conv2d_2_4"]
     assert nothing_installed()
+
+
+def test_summaries_are_made_during_the_step_only_when_no_writer_needs_the_tensors(tmp_path: Path) -> None:
+    model = SmallCNN()
+    assert Lens(model, writers=[]).summarize_as_made
+    assert Lens(model, writers=[SummariesOnly()]).summarize_as_made
+    assert Lens(model, log_dir=tmp_path).summarize_as_made  # the disk writer, summaries only
+    assert not Lens(model, log_dir=tmp_path, save_tensors=True).summarize_as_made
+    assert not Lens(model, writers=[ListWriter()]).summarize_as_made  # says nothing: may read them
+    assert not Lens(model, writers=[], accumulate_grad_batches=2).summarize_as_made  # pooled at the end
+
+
+def test_summaries_made_during_the_step_equal_those_made_after_it() -> None:
+    seen = {}
+    for as_made in (True, False):
+        torch.manual_seed(0)
+        model, writer = SmallCNN(), SummariesOnly()
+        lens = Lens(model, every_n_steps=1, writers=[writer])
+        lens.summarize_as_made = as_made
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step, (x, y) in enumerate(batches(3, size=64)):  # conv outputs of 16384 values
+            with lens.step(step):
+                F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        lens.close()
+        seen[as_made] = writer.seen
+    assert seen[True] == seen[False]
+    assert seen[True][0].gradients["conv2d_1_1"].numel == 64 * 4 * 8 * 8

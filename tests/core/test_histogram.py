@@ -64,3 +64,22 @@ def test_one_distinct_value_gets_a_unit_range_or_its_neighbouring_floats() -> No
     assert (rows.high >= value).all()
     assert torch.isfinite(rows.low).all()
     assert torch.isfinite(rows.high).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_host_frame_of_one_tensor_is_the_one_frames_works_out(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    magnitude = 10.0 ** torch.randint(-40, 40, (400,), generator=g, dtype=torch.float64)
+    low = torch.randn(400, generator=g, dtype=torch.float64) * magnitude
+    high = low + torch.rand(400, generator=g, dtype=torch.float64) * magnitude.flip(0)
+    extra_low, extra_high = (torch.tensor(column) for column in zip(*_ranges(dtype), strict=True))
+    low, high = torch.cat((low, extra_low)).to(dtype), torch.cat((high, extra_high)).to(dtype)
+    pairs = list(zip(low.tolist(), high.tolist(), strict=True))  # values of dtype, as .item() gives
+    for bins in (1, 64, 65536):
+        rows = _histogram.frames(low, high, bins)
+        for i, (lo, hi) in enumerate(pairs):
+            frame = _histogram.frame(lo, hi, bins, dtype)
+            special = lo == hi or rows.unit[i].item() != 1  # one value; a width or scale overflowing
+            assert (frame is None) == special, (lo, hi, bins)
+            if frame is not None:
+                assert frame == (rows.origin[i].item(), rows.scale[i].item()), (lo, hi, bins)

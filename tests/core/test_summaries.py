@@ -366,3 +366,81 @@ def test_cuda_summaries_equal_cpu_ones_and_never_sync_before_the_transfer() -> N
         assert gpu[name].histogram.edges == cpu[name].histogram.edges, name
         assert gpu[name].min == cpu[name].min
         assert gpu[name].mean == pytest.approx(cpu[name].mean, rel=1e-5, abs=1e-6)
+
+
+# -- Summaries: one tensor at a time ------------------------------------------------------------
+
+
+def test_tensors_summarised_as_they_come_match_numpy_whatever_happens_to_them_later() -> None:
+    g = torch.Generator().manual_seed(5)
+    noisy = torch.randn(4000, generator=g)
+    noisy[[5, 77]] = torch.tensor([NAN, -INF])
+    tensors = {
+        "normal": torch.randn(5000, generator=g), "relu": torch.randn(64, 80, generator=g).relu(),
+        "small": torch.randn(7, generator=g), "constant": torch.full((3000,), 2.5), "nan_inf": noisy,
+        "float64": torch.randn(3000, dtype=torch.float64, generator=g) * 1e3,
+        "int": torch.randint(-9, 9, (2500,), generator=g),
+        "huge": torch.linspace(1e37, 3e38, 2049, dtype=torch.float64).float(),  # squares overflow
+        "transposed": torch.randn(50, 60, generator=g).t(),
+    }
+    originals = {name: tensor.clone() for name, tensor in tensors.items()}
+    summaries = summaries_module.Summaries(bins=16)
+    for name, tensor in tensors.items():
+        summaries.add(name, tensor)
+        if summaries.streams(tensor):
+            tensor.zero_()  # summarised already: the caller may reuse the memory
+    found = summaries.result()
+    assert list(found) == list(tensors)
+    for name, original in originals.items():
+        _check_against_numpy(original, found[name], 16)
+
+
+def test_what_summaries_summarise_at_once() -> None:
+    streams = summaries_module.Summaries.streams
+    assert streams(torch.randn(2049))
+    assert streams(torch.randn(50, 50).t())
+    assert not streams(torch.randn(2048))  # small: cheaper with the others, at the end
+    assert not streams(torch.randn(5000, device="meta"))  # not on the CPU: one transfer, at the end
+
+
+def test_summaries_take_each_key_once_and_forget_what_is_discarded_or_cleared() -> None:
+    summaries = summaries_module.Summaries(bins=8)
+    summaries.add("big", torch.randn(3000))
+    summaries.add("small", torch.randn(3))
+    with pytest.raises(ValueError, match="'big' was added before; each key takes one tensor"):
+        summaries.add("big", torch.randn(3))
+    summaries.discard("big")
+    summaries.discard("never added")
+    assert "big" not in summaries
+    assert "small" in summaries
+    assert list(summaries.result()) == ["small"]
+    summaries.clear()
+    assert summaries.result() == {}
+    with pytest.raises(TypeError, match="complex"):
+        summaries.add("z", torch.ones(3000, dtype=torch.complex64))
+    with pytest.raises(TypeError, match=r"tensors\['x'\] is a list"):
+        summaries.add("x", [1.0])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="bins=0"):
+        summaries_module.Summaries(bins=0)
+
+
+def test_the_summaries_own_ops_are_invisible_to_an_active_torch_function_mode() -> None:
+    class Watch(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[Any] = []
+
+        def __torch_function__(
+            self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (),
+            kwargs: dict[str, Any] | None = None,
+        ) -> Any:
+            self.seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    big, small = torch.randn(5000), torch.randn(5)
+    summaries = summaries_module.Summaries()
+    with Watch() as watch:  # a capture's mode, when a module's output is summarised in its hook
+        summaries.add("big", big)
+        summaries.add("small", small)
+        summaries.result()
+    assert watch.seen == []
