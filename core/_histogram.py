@@ -110,12 +110,22 @@ def positions(
     return shifted.mul_(scale)
 
 
+# Edges searched for at once, at most: the search holds a few int64 tensors of this many keys.
+_SEARCHED_AT_ONCE = 1 << 18
+
+
 def edges(rows: Frames, bins: int) -> torch.Tensor:
     """``(tensors, bins + 1)`` edges: edge ``k`` is the smallest value binned at ``k`` or above.
 
     A binary search over the ordered bit patterns of the dtype, 32 (float32) or 64 (float64)
-    rounds for all tensors and edges at once; no host sync.
+    rounds for all tensors and edges at once (a block of tensors at a time, so that the
+    search's memory stays small with many bins); no host sync.
     """
+    count, block = rows.low.numel(), max(1, _SEARCHED_AT_ONCE // bins)
+    if count > block:
+        columns = (rows.low, rows.high, rows.unit, rows.origin, rows.scale)
+        parts = (Frames(*(column[i:i + block] for column in columns)) for i in range(0, count, block))
+        return torch.cat([edges(part, bins) for part in parts])
     dtype = rows.low.dtype
     wide = dtype == torch.float64
     bits, mask = (torch.int64, (1 << 63) - 1) if wide else (torch.int32, (1 << 31) - 1)
@@ -127,7 +137,6 @@ def edges(rows: Frames, bins: int) -> torch.Tensor:
     def value(keys: torch.Tensor) -> torch.Tensor:
         return torch.where(keys < 0, keys ^ mask, keys).to(bits).view(dtype)
 
-    count = rows.low.numel()
     thresholds = torch.arange(1, bins, dtype=dtype, device=rows.low.device)
     below = key(rows.low)[:, None].expand(count, bins - 1)  # binned under k: every low is
     above = key(rows.high)[:, None].expand(count, bins - 1)  # binned at k or above: every high is

@@ -79,7 +79,8 @@ class Capture:
             and hold no ``tensor_contents`` or ``gradient``, and ``summaries.result()`` has them
             under ``("activation", layer.index)`` and ``("gradient", layer.index)``. Values
             summarised while in cache and then freed are what make capturing every training
-            step affordable. The other selected outputs are kept as usual.
+            step affordable. The other selected outputs are kept as usual. Keys are layer
+            indices: give each capture a new (or cleared) ``Summaries``.
     """
 
     def __init__(

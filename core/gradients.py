@@ -19,7 +19,8 @@ class GradientSlot:
     """Receives the gradient of the loss with respect to one layer output.
 
     Several backward passes through the same output (gradient accumulation, or backward from
-    two different layers) add up, as ``.grad`` does; ``count`` says how many arrived.
+    two different layers) add up, as ``.grad`` does; ``count`` says how many arrived. A gradient
+    that the ``sink`` takes is not kept, so it does not add up with later ones.
 
     Args:
         unscale: returns the loss scale to divide by (a ``GradScaler``'s ``get_scale``), so the

@@ -451,7 +451,7 @@ class Recorder(TorchFunctionMode):
             if tag in entry.output_of_modules:  # the same tensor returned twice
                 continue
             entry.output_of_modules += (tag,)
-            if keep and entry.tensor_contents is None:
+            if keep and entry.tensor_contents is None and not entry.summarized:
                 self._save(entry, tensor)
 
     # -- after the capture ------------------------------------------------------------------

@@ -268,6 +268,7 @@ def _layer_document(layer: Layer, tensors: bool) -> dict[str, Any]:
         "is_input": layer.is_input,
         "is_output": layer.is_output,
         "is_inplace": layer.is_inplace,
+        "summarized": layer.summarized,
         "output_index": layer.output_index,
         "time_elapsed": layer.time_elapsed,
         "func_call_stack": [[f.call_fname, f.call_linenum, f.function] for f in layer.func_call_stack],
@@ -425,6 +426,7 @@ def _layer_from(doc: Mapping[str, Any]) -> Layer:
         is_input=_get(doc, "is_input", bool),
         is_output=_get(doc, "is_output", bool),
         is_inplace=_get(doc, "is_inplace", bool),
+        summarized=_get(doc, "summarized", bool) if "summarized" in doc else False,  # newer field
         output_index=_get(doc, "output_index", (int, type(None))),
         time_elapsed=float(_get(doc, "time_elapsed", (int, float))),
         label=_get(doc, "label", str),

@@ -200,8 +200,9 @@ class Summaries:
     values are in cache, and keeps nothing of it: everything but the histogram's inner edges,
     which :meth:`result` works out for all tensors together. Other tensors are kept until
     :meth:`result`: small ones (cheaper together), those on an accelerator (they stay there
-    until one transfer) and large ones that need the general code (NaN or infinity in an
-    unusual range, one distinct value), as a copy.
+    until one transfer), sparse or quantized ones, and, as a copy, large ones that need the
+    general binning (a single distinct value, a range so wide or so narrow that its width or
+    scale overflows).
 
     Example::
 
@@ -230,7 +231,10 @@ class Summaries:
     def streams(tensor: torch.Tensor) -> bool:
         """Whether :meth:`add` summarises ``tensor`` at once: then the caller may free it or
         write to it afterwards; otherwise it must leave it as it is until :meth:`result`."""
-        return tensor.device.type == "cpu" and tensor.numel() > _SMALL and not tensor.is_complex()
+        return (
+            tensor.device.type == "cpu" and tensor.numel() > _SMALL and tensor.layout == torch.strided
+            and not (tensor.is_complex() or tensor.is_quantized or tensor.is_nested)
+        )
 
     def add(self, key: Hashable, tensor: torch.Tensor) -> None:
         """Adds ``tensor``'s summary under ``key`` (see :meth:`streams` for when it is made).

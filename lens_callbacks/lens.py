@@ -47,6 +47,17 @@ class _Pending:
     histories: list[ModelHistory] = field(default_factory=list)
 
 
+def _release(pending: _Pending) -> None:
+    """Lets go of a step once written (or dropped): later backward passes reach none of its
+    layers, and its summaries hold no tensor until the next captured step."""
+    for history in pending.histories:
+        for layer in history.layer_list:
+            if layer.gradient_slot is not None:
+                layer.gradient_slot.detach()
+    if pending.summaries is not None:
+        pending.summaries.clear()
+
+
 class Lens:
     """Captures the real forward, loss and backward of chosen steps, for a hand-written loop::
 
@@ -134,9 +145,11 @@ class Lens:
         )
         """Summarise large CPU activations as they are made and their gradients as they arrive,
         keeping none of them (``lens_core.Summaries``), rather than all at the step's end: far
-        less memory and time. On when no writer needs full tensors (``save_tensors``) and each
-        step is one micro-batch; set it False for steps that run several backward passes
-        through the same outputs, whose gradients then add up as ``.grad`` does."""
+        less memory and time. Decided here: on when no writer needs full tensors
+        (``save_tensors``) and each step is one micro-batch. Set it False for steps that run
+        several backward passes through the same outputs, whose gradients then add up as
+        ``.grad`` does. Its scratch buffers, sized to the largest tensor summarised at once,
+        live as long as the ``Lens``."""
         self.rank = 0
         self.enabled = True
         self.last_step: int | None = None
@@ -236,7 +249,9 @@ class Lens:
     def arm(self, step: int, stage: str = "train") -> bool:
         """Starts capturing the next micro-batch if its step is due (or its step is pending)."""
         pending = self._pending
-        # summaries made as a micro-batch ran cannot pool with another's: one record each
+        # Summaries made as a micro-batch ran cannot pool with another's: a step armed again
+        # (a hand-driven loop; Lightning moves on to the next step after every optimizer step)
+        # is written as it is, and, being written, not captured again.
         if pending is not None and ((pending.step, pending.stage) != (step, stage)
                                     or (pending.summaries is not None and pending.histories)):
             self.flush()
@@ -289,22 +304,28 @@ class Lens:
         pending, self._pending = self._pending, None
         if pending is None or not pending.histories:
             return
-        record = build_record(
-            pending.step, pending.stage, self.rank, pending.histories, self.model, self.bins,
-            pending.summaries,
-        )
-        if pending.stage == "train":
-            self.last_step = pending.step
-        self._write(record)
+        try:
+            record = build_record(
+                pending.step, pending.stage, self.rank, pending.histories, self.model, self.bins,
+                pending.summaries,
+            )
+            if pending.stage == "train":
+                self.last_step = pending.step
+            self._write(record)
+        finally:
+            _release(pending)
 
     def abort(self) -> None:
         """Tears a capture down after an error, keeping nothing of the failed step."""
-        capture, self._capture, self._pending = self._capture, None, None
+        capture, self._capture = self._capture, None
+        pending, self._pending = self._pending, None
         try:
             if capture is not None and capture.active:
                 capture.stop(strict=False)
         finally:
             self._leave_eager()
+            if pending is not None:
+                _release(pending)
 
     def _leave_eager(self) -> None:
         eager, self._eager = self._eager, None

@@ -198,3 +198,21 @@ def test_manual_optimization_keeps_gradients_whole_so_that_they_add_up(tmp_path:
     assert not callback.lens.summarize_as_made
     assert writer.steps == [0, 1]
     assert {"conv2d_1_1", "linear_1_9"} <= set(writer.seen[0].gradients)  # large and small ones
+
+
+class SkipsFirstBatch(LitCNN):
+    """A training_step that returns None: no backward, and an optimizer step without gradients."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:  # type: ignore[override]
+        loss = super().training_step(batch, batch_idx)
+        return None if batch_idx == 0 else loss
+
+
+@pytest.mark.parametrize("writer", [ListWriter(), SummariesOnly()])
+def test_a_step_without_backward_is_captured_without_gradients(tmp_path: Path, writer: ListWriter) -> None:
+    callback = LensCallback(every_n_steps=1, writers=[writer])
+    trainer(tmp_path, [callback], max_steps=2).fit(SkipsFirstBatch(), loader(32, batch_size=16))
+    assert writer.steps == [0, 1]  # Lightning counts the step that trained nothing too
+    assert "conv2d_1_1" in writer.seen[0].activations
+    assert writer.seen[0].gradients == {}
+    assert "conv2d_1_1" in writer.seen[1].gradients

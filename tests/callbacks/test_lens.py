@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import gc
+import warnings
+import weakref
 from pathlib import Path
 
 import pytest
@@ -224,3 +227,40 @@ def test_summaries_made_during_the_step_equal_those_made_after_it() -> None:
         seen[as_made] = writer.seen
     assert seen[True] == seen[False]
     assert seen[True][0].gradients["conv2d_1_1"].numel == 64 * 4 * 8 * 8
+
+
+def test_a_written_step_leaves_no_tensor_behind() -> None:
+    torch.manual_seed(0)
+    model = SmallCNN()
+    lens = Lens(model, every_n_steps=1, writers=[SummariesOnly()])
+    x, y = batches(1)[0]
+    with lens.step(0):
+        out = model(x)
+        F.cross_entropy(out, y).backward()
+    storage = weakref.ref(out.untyped_storage())
+    del out
+    gc.collect()
+    assert storage() is None
+
+
+def test_a_backward_into_an_earlier_step_leaves_its_record_and_the_current_one_alone() -> None:
+    seen = {}
+    for as_made in (True, False):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(64, 64)  # outputs of 64 x 64 values: summarised as they are made
+        writer = SummariesOnly()
+        lens = Lens(model, every_n_steps=1, writers=[writer])
+        lens.summarize_as_made = as_made
+        h = torch.zeros(64, 64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "second backward pass" from the earlier step's layers
+            for step in range(3):  # the hidden state carries each step's graph into the next
+                with lens.step(step):
+                    h = torch.tanh(model(h) + 1)
+                    h.sum().backward(retain_graph=True)
+        seen[as_made] = writer.seen
+    assert seen[True] == seen[False]
+    assert [sorted(s.gradients) for s in seen[True]] == [
+        sorted(["linear_1_1", "output_1_2", "add_1_3", "tanh_1_4", "sum_1_5"]),
+        *[sorted(["input_1_0", "linear_1_1", "output_1_2", "add_1_3", "tanh_1_4", "sum_1_5"])] * 2,
+    ]

@@ -7,6 +7,8 @@ may be kept.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -100,3 +102,22 @@ def test_the_printed_history_says_which_outputs_were_summarised() -> None:
     text = str(history)
     assert f"{history['conv2d_1'].index}: {history['conv2d_1'].label} (summarised, not kept)" in text
     assert f"{history['linear_1'].index}: {history['linear_1'].label}\n" in text  # small: kept
+
+
+def test_an_output_picked_at_the_op_and_again_as_a_module_output_is_summarised_once() -> None:
+    summaries = lc.Summaries()  # "batchnorm" picks the op as it runs, "bn" the module's output
+    history = _captured_step(summaries, layers=["bn", "batchnorm"])
+    (picked,) = [layer for layer in history.layer_list if layer.summarized]
+    assert picked.label == history["bn"].label
+    assert set(summaries.result()) == {("activation", picked.index), ("gradient", picked.index)}
+    assert picked.gradient_slot is not None
+    assert picked.gradient_slot.count == 1  # one hook, not two
+
+
+def test_a_saved_history_remembers_which_outputs_were_summarised(tmp_path: Path) -> None:
+    history = _captured_step(lc.Summaries())
+    loaded = lc.load(lc.save(history, tmp_path / "capture"))
+    flags = [layer.summarized for layer in history.layer_list]
+    assert any(flags)
+    assert [layer.summarized for layer in loaded.layer_list] == flags
+    assert loaded.layer_labels == history.layer_labels

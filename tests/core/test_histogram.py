@@ -83,3 +83,12 @@ def test_the_host_frame_of_one_tensor_is_the_one_frames_works_out(dtype: torch.d
             assert (frame is None) == special, (lo, hi, bins)
             if frame is not None:
                 assert frame == (rows.origin[i].item(), rows.scale[i].item()), (lo, hi, bins)
+
+
+def test_edges_searched_block_by_block_equal_edges_searched_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(1)
+    low = torch.randn(7, generator=g)
+    rows = _histogram.frames(low, low + torch.rand(7, generator=g) * 5, 16)
+    at_once = _histogram.edges(rows, 16)
+    monkeypatch.setattr(_histogram, "_SEARCHED_AT_ONCE", 3 * 16)  # blocks of 3, 3 and 1 tensors
+    assert torch.equal(_histogram.edges(rows, 16), at_once)

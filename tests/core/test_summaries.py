@@ -401,6 +401,8 @@ def test_what_summaries_summarise_at_once() -> None:
     assert streams(torch.randn(50, 50).t())
     assert not streams(torch.randn(2048))  # small: cheaper with the others, at the end
     assert not streams(torch.randn(5000, device="meta"))  # not on the CPU: one transfer, at the end
+    assert not streams(torch.eye(3000).to_sparse())  # the general code (or its error), at the end
+    assert not streams(torch.quantize_per_tensor(torch.randn(3000), 0.1, 0, torch.qint8))
 
 
 def test_summaries_take_each_key_once_and_forget_what_is_discarded_or_cleared() -> None:
