@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from collections.abc import Hashable, Iterator, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -182,13 +183,9 @@ def summarize(tensors: Mapping[str, torch.Tensor], bins: int = 64) -> dict[str, 
     if not isinstance(tensors, Mapping):
         raise TypeError(f"tensors must be a mapping of name -> tensor, got {type(tensors).__name__}.")
     summaries = Summaries(bins)
-    keys: dict[str, _Key] = {}
     for name, tensor in tensors.items():
-        keys[name] = _elements(_checked(name, tensor))
-        if keys[name] not in summaries:
-            summaries.add(keys[name], tensor)
-    found = summaries.result()
-    return {name: found[keys[name]] for name in tensors}
+        summaries.add(name, tensor)
+    return cast(dict[str, TensorSummary], summaries.result())
 
 
 class Summaries:
@@ -203,6 +200,9 @@ class Summaries:
     until one transfer), sparse or quantized ones, and, as a copy, large ones that need the
     general binning (a single distinct value, a range so wide or so narrow that its width or
     scale overflows).
+
+    A tensor whose elements and values are those of one added before (a view of it, with no
+    write in between: a reshape, a transpose, a gradient passed on unchanged) shares its summary.
 
     Example::
 
@@ -222,6 +222,8 @@ class Summaries:
         self._keys: dict[Hashable, None] = {}  # every key, in the order added
         self._kept: dict[Hashable, torch.Tensor] = {}
         self._streamed: dict[Hashable, _Binned] = {}
+        self._twins: dict[Hashable, Hashable] = {}  # key -> the key whose summary it shares
+        self._seen: dict[_Key, tuple[weakref.ref[torch.UntypedStorage], int, Hashable]] = {}
         self._scratch = Scratch(torch.device("cpu"))
 
     def __contains__(self, key: Hashable) -> bool:
@@ -248,7 +250,10 @@ class Summaries:
         # the summary's own ops are not the model's: no capture records them, autograd neither
         with torch._C.DisableTorchFunction(), torch.no_grad():
             tensor = _checked(key, tensor).detach()
-            if not self.streams(tensor):
+            twin = self._twin(key, tensor)
+            if twin is not None:
+                self._twins[key] = twin
+            elif not self.streams(tensor):
                 self._kept[key] = tensor
             else:
                 streamed = _stream(tensor, self.bins, self._scratch)
@@ -258,15 +263,27 @@ class Summaries:
                     self._streamed[key] = streamed
         self._keys[key] = None
 
+    def _twin(self, key: Hashable, tensor: torch.Tensor) -> Hashable | None:
+        """The key of a tensor added before with the same elements, still holding the same values
+        (its storage alive, its version unchanged); ``tensor`` becomes the one to match if none."""
+        try:
+            elements, storage, version = _elements(tensor), tensor.untyped_storage(), tensor._version
+        except (RuntimeError, NotImplementedError):  # no storage, or no version (inference mode)
+            return None
+        seen = self._seen.get(elements)
+        if seen is not None and seen[0]() is storage and seen[1] == version:
+            return seen[2]
+        self._seen[elements] = (weakref.ref(storage), version, key)
+        return None
+
     def clear(self) -> None:
         """Forgets every summary, keeping the scratch memory for the next step's."""
-        for table in (self._keys, self._kept, self._streamed):
+        for table in (self._keys, self._kept, self._streamed, self._twins, self._seen):
             table.clear()
 
     def discard(self, key: Hashable) -> None:
-        """Forgets ``key`` (no error if it was not added)."""
-        for table in (self._keys, self._kept, self._streamed):
-            table.pop(key, None)
+        """Leaves ``key`` out of :meth:`result` (no error if it was not added)."""
+        self._keys.pop(key, None)
 
     def result(self) -> dict[Hashable, TensorSummary]:
         """Every summary, in the order added (one transfer per accelerator holding tensors)."""
@@ -286,7 +303,7 @@ class Summaries:
                 else:
                     found.update(zip(group, _summarize_on_device(tensors, self.bins), strict=True))
             found.update(_with_edges(binned, self.bins))  # every CPU tensor's edges in one search
-        return {key: found[key] for key in self._keys}
+        return {key: found[self._twins.get(key, key)] for key in self._keys}
 
 
 def _checked(name: Hashable, tensor: Any) -> torch.Tensor:
@@ -300,15 +317,21 @@ def _checked(name: Hashable, tensor: Any) -> torch.Tensor:
     return tensor
 
 
-# What identifies the elements of a tensor: its device, dtype, first element and the
-# (size, stride) of its dimensions in any order (a permutation of the same elements has the same
-# summary).
+# What identifies the elements of a tensor: its device, dtype, first element and the memory it
+# spans, as (stride, size) steps from the finest out, neighbours that continue each other merged:
+# every shape and permutation of the same elements (a reshape, a transpose) has the same key.
 _Key = tuple[torch.device, torch.dtype, int, bool, tuple[tuple[int, int], ...]]
 
 
 def _elements(tensor: torch.Tensor) -> _Key:
-    dims = sorted(dim for dim in zip(tensor.shape, tensor.stride(), strict=True) if dim[0] != 1)
-    return (tensor.device, tensor.dtype, tensor.data_ptr(), tensor.is_neg(), tuple(dims))
+    steps: list[tuple[int, int]] = []
+    dims = zip(tensor.stride(), tensor.shape, strict=True)
+    for stride, size in sorted(dim for dim in dims if dim[1] != 1):
+        if steps and steps[-1][0] * steps[-1][1] == stride:  # continues the step before it
+            steps[-1] = (steps[-1][0], steps[-1][1] * size)
+        else:
+            steps.append((stride, size))
+    return (tensor.device, tensor.dtype, tensor.data_ptr(), tensor.is_neg(), tuple(steps))
 
 
 # -- on the CPU: values are read as they are computed -------------------------------------------
@@ -408,7 +431,7 @@ def _with_edges(binned: Mapping[Hashable, _Binned], bins: int) -> Iterator[tuple
     for dtype, keys in groups.items():
         frames = [binned[key].frame for key in keys]
         rows = _histogram.Frames(*(torch.tensor(column, dtype=dtype) for column in zip(*frames, strict=True)))
-        for key, edges in zip(keys, _histogram.edges(rows, bins).tolist(), strict=True):
+        for key, edges in zip(keys, _histogram.edges(rows, bins, host=True).tolist(), strict=True):
             s = binned[key].summary  # rebuilt field by field: dataclasses.replace is 10x slower
             yield key, TensorSummary(
                 s.numel, s.mean, s.std, s.min, s.max, s.mean_abs, s.l2_norm, s.zero_fraction,

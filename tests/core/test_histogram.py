@@ -22,12 +22,23 @@ def _ranges(dtype: torch.dtype) -> list[tuple[float, float]]:
     ]
 
 
+@pytest.mark.parametrize("host", [False, True], ids=["accelerator search", "host search"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("bins", [1, 2, 7, 64])
-def test_each_edge_is_the_smallest_value_binned_at_or_above_it(dtype: torch.dtype, bins: int) -> None:
+def test_each_edge_is_the_smallest_value_binned_at_or_above_it(
+    dtype: torch.dtype, bins: int, host: bool
+) -> None:
     low, high = (torch.tensor(column, dtype=dtype) for column in zip(*_ranges(dtype), strict=True))
+    g = torch.Generator().manual_seed(bins)  # and ranges of every scale, some across zero
+    magnitude = 10.0 ** torch.randint(-30, 30, (60,), generator=g, dtype=torch.float64)
+    start = torch.randn(60, generator=g, dtype=torch.float64) * magnitude
+    low = torch.cat((low, start.to(dtype), torch.tensor([-1.0, -3.0], dtype=dtype)))
+    end = start + torch.rand(60, generator=g, dtype=torch.float64) * magnitude.flip(0)
+    high = torch.cat((high, end.to(dtype), torch.tensor([1.0, 3.0], dtype=dtype)))  # edges at 0
     rows = _histogram.frames(low, high, bins)
-    edges = _histogram.edges(rows, bins)
+    edges = _histogram.edges(rows, bins, host=host)
+    if host:  # the same edges as the search over the whole range
+        assert torch.equal(edges, _histogram.edges(rows, bins))
     assert torch.isfinite(edges).all()
     assert (edges[:, 1:] >= edges[:, :-1]).all()  # in order
     assert (edges[:, 0] <= low).all()
@@ -92,3 +103,15 @@ def test_edges_searched_block_by_block_equal_edges_searched_at_once(monkeypatch:
     at_once = _histogram.edges(rows, 16)
     monkeypatch.setattr(_histogram, "_SEARCHED_AT_ONCE", 3 * 16)  # blocks of 3, 3 and 1 tensors
     assert torch.equal(_histogram.edges(rows, 16), at_once)
+    assert torch.equal(_histogram.edges(rows, 16, host=True), at_once)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_host_search_of_ordinary_ranges_alone_equals_the_whole_search(dtype: torch.dtype) -> None:
+    # narrow starts for every row: the rounds left must still reach the edges (float64 keys
+    # are too long for float64 arithmetic, so the widths are counted in integers)
+    low = torch.tensor([-3.0, 0.0, 1000.0, -2.0], dtype=dtype)
+    high = torch.tensor([2.5, 1.0, 1000.01, -1.5], dtype=dtype)
+    for bins in (2, 64, 1000):
+        rows = _histogram.frames(low, high, bins)
+        assert torch.equal(_histogram.edges(rows, bins, host=True), _histogram.edges(rows, bins))

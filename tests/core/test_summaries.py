@@ -446,3 +446,19 @@ def test_the_summaries_own_ops_are_invisible_to_an_active_torch_function_mode() 
         summaries.add("small", small)
         summaries.result()
     assert watch.seen == []
+
+
+def test_a_view_added_later_shares_the_summary_only_while_the_values_are_the_same() -> None:
+    x = torch.randn(64, 50, generator=torch.Generator().manual_seed(4))
+    summaries = summaries_module.Summaries()
+    summaries.add("x", x)
+    summaries.add("reshaped", x.reshape(50, 64))  # the same elements, unchanged: shared
+    summaries.add("transposed", x.t())
+    summaries.add("rows", x[:10])  # fewer elements: its own
+    x.mul_(2)  # a write: the view added next has new values
+    summaries.add("after the write", x.view(-1))
+    found = summaries.result()
+    assert found["x"] == found["reshaped"] == found["transposed"]
+    assert found["rows"].numel == 500
+    assert found["after the write"].max == 2 * found["x"].max
+    assert found["after the write"].std == pytest.approx(2 * found["x"].std, rel=1e-6)
