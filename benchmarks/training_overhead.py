@@ -2,9 +2,15 @@
 
 Per model, four configurations fit the same number of steps from the same start:
 (a) no callback, (b) a callback that never fires, (c) capturing every 10th step,
-(d) capturing every step (summaries only, all layers), each repeated and the median taken.
+(d) capturing every step (summaries only, all layers), interleaved and repeated, each
+configuration in every place of the order in turn. A step is timed
+from Lightning's batch start to its batch end (forward, backward, optimizer step and all the
+callback's work); steps/s is one over the median step time (of every step but the first few of
+each fit, all repeats together), which a busy machine's stalls do not move as they move a
+whole fit's time. (c) is the mean of the median time of captured and uncaptured steps, weighted
+1:9.
 
-    python benchmarks/training_overhead.py [--steps 60] [--repeats 3] [--quick]
+    python benchmarks/training_overhead.py [--steps 60] [--repeats 4] [--models cnn] [--quick]
 """
 
 from __future__ import annotations
@@ -74,25 +80,51 @@ CONFIGS: dict[str, Callable[[], list[pl.Callback]]] = {
 }
 
 
-def steps_per_second(name: str, callbacks: list[pl.Callback], steps: int, root: str) -> float:
+class StepTimer(pl.Callback):
+    """Wall time of each training step: put it first and ``timer.end`` last among the callbacks,
+    so that the others' work at batch start and batch end is inside the time."""
+
+    def __init__(self) -> None:
+        self.times: dict[int, float] = {}
+        self.started = 0.0
+        self.end = _StepEnd(self)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.started = time.perf_counter()
+
+
+class _StepEnd(pl.Callback):
+    def __init__(self, timer: StepTimer) -> None:
+        self.timer = timer
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.timer.times[trainer.global_step - 1] = time.perf_counter() - self.timer.started
+
+
+WARMUP = 5  # first steps of each fit left out: allocator and caches settling
+
+
+def step_times(name: str, callbacks: list[pl.Callback], steps: int, root: str) -> dict[int, float]:
+    """Seconds per training step of one fit, by step number (warm-up steps left out)."""
     make_net, make_inputs = MODELS[name]
     torch.manual_seed(0)
     inputs = make_inputs(32 * 8)
     data = DataLoader(TensorDataset(inputs, torch.randint(0, 10, (len(inputs),))), batch_size=32)
+    timer = StepTimer()
     trainer = pl.Trainer(
         max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root, callbacks=callbacks,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+        callbacks=[timer, *callbacks, timer.end],
     )
-    model = Classifier(make_net())
-    start = time.perf_counter()
-    trainer.fit(model, data)
-    return steps / (time.perf_counter() - start)
+    trainer.fit(Classifier(make_net()), data)
+    return {step: t for step, t in timer.times.items() if step >= WARMUP}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--quick", action="store_true", help="smoke test: 10 steps, 1 repeat")
     args = parser.parse_args(argv)
     steps, repeats = (10, 1) if args.quick else (args.steps, args.repeats)
@@ -101,19 +133,39 @@ def main(argv: list[str] | None = None) -> None:
     head = ["model", *[f"{config} steps/s" for config in CONFIGS], "(b)/(a)", "(c)/(a)", "(d)/(a)"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     with tempfile.TemporaryDirectory() as root:
-        for name in MODELS:
-            rates: dict[str, list[float]] = {config: [] for config in CONFIGS}
-            for _ in range(repeats):  # interleaved, so that drifting load hits all alike
-                for config, callbacks in CONFIGS.items():
-                    rates[config].append(steps_per_second(name, callbacks(), steps, root))
-            median: dict[str, Any] = {config: statistics.median(r) for config, r in rates.items()}
-            base = median["no callback"]
-            slowdowns = [base / median[c] for c in ("never fires", "every 10th step", "every step")]
-            cells = [f"{median[c]:.1f}" for c in CONFIGS] + [f"{s:.3f}x" for s in slowdowns]
+        for name in args.models:
+            fits: dict[str, list[float]] = {config: [] for config in CONFIGS}  # mean step of each fit
+            for repeat in range(repeats):  # interleaved, each in every place of the order in turn:
+                order = list(CONFIGS)[repeat % len(CONFIGS):] + list(CONFIGS)[:repeat % len(CONFIGS)]
+                for config in order:  # a machine that slows down or speeds up hits all alike
+                    fits[config].append(_mean_step(config, step_times(name, CONFIGS[config](), steps, root)))
+            # slowdowns compare the fits of one repeat, which ran minutes apart at most
+            slowdowns = [
+                statistics.median(t / base for t, base in zip(fits[config], fits["no callback"], strict=True))
+                for config in ("never fires", "every 10th step", "every step")
+            ]
+            rates = [f"{1 / statistics.median(fits[c]):.1f}" for c in CONFIGS]
+            cells = rates + [f"{s:.3f}x" for s in slowdowns]
             print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
-    print(f"\nmedians of {repeats} fits of {steps} steps, batch 32, CPU, {THREADS} threads, "
-          f"torch {torch.__version__}, lightning {pl.__version__}; (x)/(a) is the slowdown against no "
-          "callback (time per step ratio). Captures keep summaries only, of every layer.")
+    print(f"\n{repeats} fits of {steps} steps per configuration, batch 32, CPU, {THREADS} threads, "
+          f"torch {torch.__version__}, lightning {pl.__version__}; steps/s from median step times; "
+          "(x)/(a): median over repeats of the slowdown against no callback. Captures keep summaries "
+          "only, of every layer.")
+
+
+def _mean_step(config: str, times: dict[int, float]) -> float:
+    """Mean step time of a fit: the medians of its captured and uncaptured steps, weighted by
+    how many there are."""
+    captured = [t for step, t in times.items() if _captures(config, step)]
+    plain = [t for step, t in times.items() if not _captures(config, step)]
+    if not captured or not plain:
+        return statistics.median(captured or plain)
+    share = len(captured) / len(times)
+    return share * statistics.median(captured) + (1 - share) * statistics.median(plain)
+
+
+def _captures(config: str, step: int) -> bool:
+    return config == "every step" or (config == "every 10th step" and step % 10 == 0)
 
 
 if __name__ == "__main__":
