@@ -9,7 +9,9 @@ instead every statistic, histogram edge and bin count stays a device tensor unti
 packed into one byte buffer and copied to the host with a single ``.cpu()`` (one per device the
 tensors live on; ``lens_core._device_summaries``). On the CPU there is nothing to transfer:
 results are read as they come (the code below), which lets a tensor with no NaN or infinity
-(nearly all) skip the masking an accelerator always does.
+(nearly all) skip the masking an accelerator always does, and a large tensor can be summarised
+the moment it is handed over (:class:`Summaries`), while its values are in cache, and then let
+go; only the histogram edges, found for all tensors together, wait for the end.
 
 Histograms are exact: edges run from the minimum to the maximum finite value, and the counts are
 what ``numpy.histogram(values, bins=edges)`` gives (``lens_core._histogram`` says how: the bin of a
@@ -299,7 +301,7 @@ class Summaries:
             for device, group in by_device.items():
                 tensors = [self._kept[key] for key in group]
                 if device.type == "cpu":
-                    binned.update(zip(group, _bin_on_host(tensors, self.bins), strict=True))
+                    binned.update(zip(group, _bin_on_host(tensors, self.bins, self._scratch), strict=True))
                 else:
                     found.update(zip(group, _summarize_on_device(tensors, self.bins), strict=True))
             found.update(_with_edges(binned, self.bins))  # every CPU tensor's edges in one search
@@ -352,10 +354,9 @@ class _Finite:
     high: float
 
 
-def _bin_on_host(tensors: list[torch.Tensor], bins: int) -> list[_Binned]:
+def _bin_on_host(tensors: list[torch.Tensor], bins: int, scratch: Scratch) -> list[_Binned]:
     found: dict[int, _Binned] = {}
     for dtype, indices in _passes.by_compute_dtype(tensors):
-        scratch = Scratch(torch.device("cpu"))
         batch = _SmallTensors.of([i for i in indices if tensors[i].numel() <= _SMALL], tensors, dtype)
         together = set(batch.indices) if batch is not None else set()
         finite: dict[int, _Finite] = {}
@@ -381,10 +382,13 @@ def _bin_on_host(tensors: list[torch.Tensor], bins: int) -> list[_Binned]:
             first = len(finite)
             binned = batch.binned(rows, first, frames[first:], bins)
             for row, (index, item) in enumerate(zip(batch.indices, binned, strict=True)):
-                if item is None:  # values whose squares over- or underflow float64: scaled, alone
-                    tensor = tensors[index]
-                    alone = _Finite(tensor, tensor.numel(), 0, 0, batch.lows[row], batch.highs[row])
-                found[index] = item or _bin(alone, dtype, bins, frames[first + row], scratch)
+                if item is not None:
+                    found[index] = item
+                    continue
+                # values whose squares over- or underflow float64: on their own, scaled
+                tensor = tensors[index]
+                alone = _Finite(tensor, tensor.numel(), 0, 0, batch.lows[row], batch.highs[row])
+                found[index] = _bin(alone, dtype, bins, frames[first + row], scratch)
     return [found[index] for index in range(len(tensors))]
 
 
