@@ -5,20 +5,31 @@ Depends on torch only. The vocabulary follows the TorchLens README (``log_forwar
 """
 
 from lens_core._rng import get_rng_states, set_rng_states
-from lens_core.capture import Capture, capture, get_model_metadata, log_forward_pass
-from lens_core.errors import CaptureError, LayerNotFoundError, LensError
-from lens_core.forensics import AnomalyError, AnomalyReport, explain, first_nonfinite, investigate
-from lens_core.history import ModelHistory
-from lens_core.records import FrameInfo, Layer, ParamInfo
-from lens_core.render import show_model_graph
-from lens_core.store import CaptureFormatError, load, load_extra, load_summaries, save
-from lens_core.summaries import Histogram, Summaries, TensorSummary, summarize
-from lens_core.validation import (
+from lens_core.capture import (
+    Capture,
+    FrameInfo,
+    Layer,
+    ModelHistory,
+    ParamInfo,
+    capture,
+    get_model_metadata,
+    log_forward_pass,
+)
+from lens_core.checks import (
+    AnomalyError,
+    AnomalyReport,
     LayerCheck,
     ValidationReport,
+    explain,
+    first_nonfinite,
+    investigate,
     validate_model_activations,
     validation_report,
 )
+from lens_core.errors import CaptureError, LayerNotFoundError, LensError
+from lens_core.graph import show_model_graph
+from lens_core.store import CaptureFormatError, load, load_extra, load_summaries, save
+from lens_core.summaries import Histogram, Summaries, TensorSummary, summarize
 
 __all__ = [
     "AnomalyError",

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from lens_core.history import ModelHistory
-    from lens_core.records import Layer
+    from lens_core.capture.history import ModelHistory
+    from lens_core.capture.records import Layer
 
 
 def human_bytes(size: float) -> str:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from lens_callbacks.lens import Lens, check_anomaly_options
 from lens_callbacks.schedule import Schedule
 from lens_callbacks.writers import DiskWriter, TensorBoardWriter, WandbWriter, Writer
-from lens_core.selection import LayerSpec
+from lens_core.capture.selection import LayerSpec
 
 try:
     from lightning.pytorch import Callback

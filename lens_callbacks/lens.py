@@ -21,7 +21,7 @@ from lens_callbacks.record import CaptureRecord, build_record
 from lens_callbacks.schedule import Schedule
 from lens_callbacks.writers import DiskWriter, Writer
 from lens_core import AnomalyError, AnomalyReport, Capture, ModelHistory, get_rng_states, investigate
-from lens_core.selection import LayerSpec, Selection
+from lens_core.capture.selection import LayerSpec, Selection
 from lens_core.summaries import Summaries, check_bins
 
 __all__ = ["Lens"]

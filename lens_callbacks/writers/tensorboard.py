@@ -191,14 +191,14 @@ class TensorBoardWriter:
     def _write_graphs(self, experiment: Any, record: CaptureRecord, prefix: str) -> None:
         from tensorboard.compat.proto import event_pb2  # noqa: PLC0415  # optional dependency
 
-        from lens_callbacks import tb_graph  # noqa: PLC0415  # imports TensorBoard's protos
+        from lens_callbacks.writers import tensorboard_graph  # noqa: PLC0415  # imports TensorBoard's protos
 
-        graph = tb_graph.graph_def(record.history)
+        graph = tensorboard_graph.graph_def(record.history)
         file_writer = experiment._get_file_writer()  # what SummaryWriter.add_* use; reopens if closed
         if not self._run_graph_written:
             file_writer.add_event(event_pb2.Event(graph_def=graph.SerializeToString()))
             self._run_graph_written = True
-        metadata = tb_graph.run_metadata(record.history, graph)
+        metadata = tensorboard_graph.run_metadata(record.history, graph)
         file_writer.add_summary(
             _run_metadata_summary(f"{prefix}.graph/step_{record.step:06d}", metadata.SerializeToString()),
             record.step,

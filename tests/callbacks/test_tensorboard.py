@@ -25,9 +25,10 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 import lens_core as lc
-from lens_callbacks import CaptureRecord, Lens, LensCallback, tb_graph
+from lens_callbacks import CaptureRecord, Lens, LensCallback
 from lens_callbacks.record import build_record
 from lens_callbacks.writers import TensorBoardWriter
+from lens_callbacks.writers import tensorboard_graph as tb_graph
 from lens_callbacks.writers.tensorboard import STATISTICS
 from tests.callbacks.lightning_helpers import LitCNN, loader, trainer
 from tests.conftest import require
@@ -443,7 +444,7 @@ def test_graph_page_renders_in_chromium(tensorboard_server: str, tmp_path: Path)
     require(Path(CHROMIUM).exists(), "no chromium (Debian package chromium: apt-get install chromium)")
     from PIL import Image
 
-    screenshot = tmp_path / "tensorboard_graph.png"
+    screenshot = tmp_path / "tb_graph.png"
     subprocess.run(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -451,7 +452,7 @@ def test_graph_page_renders_in_chromium(tensorboard_server: str, tmp_path: Path)
          "--virtual-time-budget=15000", f"{tensorboard_server}/#graphs"],
         check=True, timeout=90, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    artifact = REPO / "out" / "test-artifacts" / "tensorboard_graph.png"
+    artifact = REPO / "out" / "test-artifacts" / "tb_graph.png"
     artifact.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(screenshot, artifact)
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

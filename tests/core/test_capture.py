@@ -331,7 +331,7 @@ def test_inference_mode(net: Net) -> None:
 
 
 def test_model_index_names_parameters_and_buffers_as_torch_does() -> None:
-    from lens_core.records import ModelIndex
+    from lens_core.capture.records import ModelIndex
 
     class Tied(nn.Module):
         def __init__(self) -> None:

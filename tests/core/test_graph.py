@@ -1,4 +1,4 @@
-"""The graph of a forward pass (lens_core.graph) and its drawing with graphviz (lens_core.render).
+"""The graph of a forward pass (lens_core.graph) and its drawing with graphviz (lens_core.graph.render).
 
 Three kinds of checks: golden DOT files for a handful of toy models (regenerate them with
 ``LENS_REGENERATE_GOLDEN=1``), structural invariants of the graph for every model of the toy zoo,
@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 import lens_core as lc
-from lens_core.graph import GraphNode, ModelGraph, build_graph
-from lens_core.render import RenderError, RenderTimeoutError
+from lens_core.graph.model import GraphNode, ModelGraph, build_graph
+from lens_core.graph.render import RenderError, RenderTimeoutError
 from tests.conftest import require
 from tests.core.test_readme_conformance import SimpleRecurrent
 from tests.core.toy_models import CASES, CASES_BY_NAME, ToyCase

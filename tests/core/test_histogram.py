@@ -1,4 +1,4 @@
-"""The binning arithmetic and the edges derived from it (``lens_core._histogram``)."""
+"""The binning arithmetic and the edges derived from it (``lens_core.summaries._histogram``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lens_core import _histogram
+from lens_core.summaries import _histogram
 
 F32_MAX = torch.finfo(torch.float32).max
 F32_TINY = torch.finfo(torch.float32).smallest_normal

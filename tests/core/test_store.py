@@ -19,9 +19,10 @@ from torch import nn
 
 import lens_core as lc
 from lens_core import store
+from lens_core.capture.history import ModelHistory
 from lens_core.errors import LensError
-from lens_core.history import ModelHistory
 from lens_core.store import CaptureFormatError
+from lens_core.store import _write as store_write
 from lens_core.summaries import summarize
 
 # -- models ------------------------------------------------------------------------------------
@@ -335,7 +336,7 @@ def test_a_crash_mid_save_leaves_only_a_hidden_folder_that_load_refuses(
 ) -> None:
     history = _selection()
     monkeypatch.setattr(safetensors.torch, "save_file", _failing_save_file)
-    monkeypatch.setattr(store.shutil, "rmtree", lambda *args, **kwargs: None)  # the process dies
+    monkeypatch.setattr(store_write.shutil, "rmtree", lambda *args, **kwargs: None)  # the process dies
     with pytest.raises(OSError, match="disk full"):
         store.save(history, tmp_path / "capture")
     assert not (tmp_path / "capture").exists()
@@ -351,7 +352,7 @@ def test_a_crash_after_the_last_file_still_leaves_nothing_at_path(
     def no_rename(*args: Any) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(store.os, "replace", no_rename)
+    monkeypatch.setattr(store_write.os, "replace", no_rename)
     with pytest.raises(KeyboardInterrupt):
         store.save(_selection(), tmp_path / "capture")
     assert os.listdir(tmp_path) == []

@@ -16,9 +16,9 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from lens_core import _device_summaries, _passes
 from lens_core import summaries as summaries_module
-from lens_core.summaries import Histogram, TensorSummary, summarize
+from lens_core.summaries import Histogram, TensorSummary, _device, _host, _passes, summarize
+from lens_core.summaries.summary import no_finite_values
 
 NAN, INF = math.nan, math.inf
 
@@ -103,14 +103,14 @@ def summarize_on(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     """``summarize`` through each code path: the CPU's (small tensors together, or every tensor
     on its own), and the accelerators' (run here on CPU tensors: no host read, one transfer)."""
     if request.param == "cpu one by one":
-        monkeypatch.setattr(summaries_module, "_SMALL", 0)
+        monkeypatch.setattr(_host, "SMALL", 0)
     if request.param != "accelerator code":
         return summarize
 
     def on_accelerator_code(tensors: dict[str, torch.Tensor], bins: int = 64) -> dict[str, TensorSummary]:
         kept = {name: t.detach() for name, t in tensors.items() if t.numel()}
-        found = dict(zip(kept, summaries_module._summarize_on_device(list(kept.values()), bins), strict=True))
-        return {name: found.get(name, summaries_module._no_finite_values(0, 0, 0)) for name in tensors}
+        found = dict(zip(kept, _device.summarize_on_device(list(kept.values()), bins), strict=True))
+        return {name: found.get(name, no_finite_values(0, 0, 0)) for name in tensors}
     return on_accelerator_code
 
 
@@ -129,8 +129,8 @@ def test_every_statistic_and_bin_matches_numpy(bins: int, summarize_on: Summariz
 def test_the_code_paths_give_the_same_histograms_and_extremes(monkeypatch: pytest.MonkeyPatch) -> None:
     tensors = {name: t for name, t in _cases().items() if t.numel()}
     together = summarize(tensors)
-    on_accelerator_code = summaries_module._summarize_on_device([t.detach() for t in tensors.values()], 64)
-    monkeypatch.setattr(summaries_module, "_SMALL", 0)
+    on_accelerator_code = _device.summarize_on_device([t.detach() for t in tensors.values()], 64)
+    monkeypatch.setattr(_host, "SMALL", 0)
     one_by_one = summarize(tensors)
     for (name, a), c in zip(together.items(), on_accelerator_code, strict=True):
         b = one_by_one[name]
@@ -339,7 +339,7 @@ def _bool_index(args: tuple[Any, ...]) -> bool:
 def test_the_accelerator_code_reads_all_results_back_in_one_transfer() -> None:
     tensors = [t.detach() for t in _cases().values() if t.numel()]
     with _HostReads() as reads:
-        summaries_module._summarize_on_device(tensors, bins=16)
+        _device.summarize_on_device(tensors, bins=16)
     assert reads.events.count("cpu") == 1, reads.events
     first = reads.events.index("cpu")
     # nothing is read on the host before the transfer, and after it only the packed buffer is
@@ -356,7 +356,7 @@ def test_cuda_summaries_equal_cpu_ones_and_never_sync_before_the_transfer() -> N
     torch.cuda.set_sync_debug_mode("error")
     try:
         with torch.no_grad():
-            _device_summaries.pack(list(on_gpu.values()), 64, torch.float64)
+            _device.pack(list(on_gpu.values()), 64, torch.float64)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     gpu = summarize(on_gpu)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import lens_core as lc
-from lens_core import validation
+from lens_core.checks import validation
 
 
 class Small(nn.Module):

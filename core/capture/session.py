@@ -21,12 +21,12 @@ import torch
 from torch import nn
 
 from lens_core._rng import get_rng_states
+from lens_core.capture.history import ModelHistory
+from lens_core.capture.recorder import Recorder, iter_tensors
+from lens_core.capture.records import ModelIndex
+from lens_core.capture.selection import LayerSpec, Selection
 from lens_core.errors import CaptureError, LayerNotFoundError
-from lens_core.history import ModelHistory
-from lens_core.recorder import Recorder, iter_tensors
-from lens_core.records import ModelIndex
-from lens_core.render import check_render_options
-from lens_core.selection import LayerSpec, Selection
+from lens_core.graph.render import check_render_options
 from lens_core.summaries import Summaries
 
 __all__ = ["Capture", "capture", "get_model_metadata", "log_forward_pass"]

@@ -18,15 +18,19 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from lens_core._format import format_layer
-from lens_core.gradients import GradientSlot
+from lens_core.capture.gradients import GradientSlot
 
 if TYPE_CHECKING:
-    from lens_core.history import ModelHistory
+    from lens_core.capture.history import ModelHistory
 
 __all__ = ["CallRecord", "FrameInfo", "Layer", "ModelIndex", "ParamInfo", "ParentRef", "StackNode"]
 
-# Files whose frames are plumbing between the caller and the op, not part of its story.
-_PLUMBING_FILES = (os.path.join("torch", "overrides.py"), os.path.dirname(__file__) + os.sep)
+# Files whose frames are plumbing between the caller and the op, not part of its story: torch's
+# dispatch and the whole lens_core package (this file is lens_core/capture/records.py).
+_PLUMBING_FILES = (
+    os.path.join("torch", "overrides.py"),
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
+)
 
 
 class ParamInfo(NamedTuple):  # a tuple: built for every parameter at every capture, so cheap

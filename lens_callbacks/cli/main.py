@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from lens_callbacks.cli_captures import (
+from lens_callbacks.cli.captures import (
     CaptureView,
     CliError,
     RunEntry,
@@ -32,11 +32,11 @@ from lens_callbacks.cli_captures import (
     list_run,
     open_capture,
 )
-from lens_callbacks.cli_diff import STATISTICS, Comparison, Statistic, compare
-from lens_callbacks.cli_text import MISSING, human_bytes, number, percent, table
+from lens_callbacks.cli.diff import STATISTICS, Comparison, Statistic, compare
+from lens_callbacks.cli.text import MISSING, human_bytes, number, percent, table
 from lens_core import store
 from lens_core.errors import LensError
-from lens_core.render import DEFAULT_TIMEOUT, RenderTimeoutError, check_render_options
+from lens_core.graph.render import DEFAULT_TIMEOUT, RenderTimeoutError, check_render_options
 from lens_core.summaries import TensorSummary
 
 __all__ = ["main"]
@@ -343,6 +343,3 @@ def _optional(value: int | None) -> str:
 def _problems(entry: RunEntry) -> str:
     return f"  {entry.path}: " + "; ".join(entry.problems)
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 if TYPE_CHECKING:
-    from lens_core.records import Layer
+    from lens_core.capture.records import Layer
 
 __all__ = ["LayerSpec", "Selection"]
 

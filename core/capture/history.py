@@ -12,8 +12,8 @@ from typing import Any
 import torch
 
 from lens_core._format import format_history
+from lens_core.capture.records import Layer, ParentRef
 from lens_core.errors import LayerNotFoundError
-from lens_core.records import Layer, ParentRef
 
 __all__ = ["ModelHistory"]
 
@@ -146,7 +146,7 @@ class ModelHistory:
             )
         torch.autograd.backward(tensor, torch.ones_like(tensor) if gradient is None else gradient)
 
-    # -- drawing (lens_core.render; graphviz is imported only when one of these runs) ------------
+    # -- drawing (lens_core.graph.render; graphviz is imported only when one of these runs) ------------
 
     def graph_source(
         self, vis_opt: str = "unrolled", vis_nesting_depth: int = 1000, vis_direction: str = "bottomup"
@@ -155,7 +155,7 @@ class ModelHistory:
 
         Args: as :meth:`render_graph`.
         """
-        from lens_core import render  # noqa: PLC0415  # drawing code loads when a drawing is asked for
+        from lens_core.graph import render  # noqa: PLC0415  # drawing code loads when a drawing is asked for
 
         return render.graph_source(self, vis_opt, vis_nesting_depth, vis_direction)
 
@@ -166,7 +166,7 @@ class ModelHistory:
 
         Args: as :meth:`render_graph`.
         """
-        from lens_core import render  # noqa: PLC0415  # drawing code loads when a drawing is asked for
+        from lens_core.graph import render  # noqa: PLC0415  # drawing code loads when a drawing is asked for
 
         return render.to_digraph(self, vis_opt, vis_nesting_depth, vis_direction)
 
@@ -177,7 +177,7 @@ class ModelHistory:
         vis_outpath: str = "modelgraph",
         vis_fileformat: str = "pdf",
         vis_direction: str = "bottomup",
-        timeout: float = 60.0,  # lens_core.render.DEFAULT_TIMEOUT
+        timeout: float = 60.0,  # lens_core.graph.render.DEFAULT_TIMEOUT
     ) -> str:
         """Renders the graph with graphviz's ``dot`` to ``{vis_outpath}.{vis_fileformat}``.
 
@@ -197,7 +197,7 @@ class ModelHistory:
         Returns:
             The path of the rendered file.
         """
-        from lens_core import render  # noqa: PLC0415  # drawing code loads when a drawing is asked for
+        from lens_core.graph import render  # noqa: PLC0415  # drawing code loads when a drawing is asked for
 
         return render.render_graph(
             self, vis_opt, vis_nesting_depth, vis_outpath, vis_fileformat, vis_direction, timeout

@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from lens_core._rng import get_rng_states, set_rng_states
-from lens_core.capture import Capture
+from lens_core.capture.history import ModelHistory
+from lens_core.capture.records import Layer
+from lens_core.capture.session import Capture
 from lens_core.errors import LensError
-from lens_core.history import ModelHistory
-from lens_core.records import Layer
 from lens_core.summaries import TensorSummary, summarize
 
 __all__ = [

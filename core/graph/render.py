@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from lens_core._format import human_bytes
 from lens_core.errors import LensError
-from lens_core.graph import (
+from lens_core.graph.model import (
     GraphCluster,
     GraphEdge,
     GraphNode,
@@ -41,7 +41,7 @@ from lens_core.graph import (
 if TYPE_CHECKING:
     from torch import nn
 
-    from lens_core.history import ModelHistory
+    from lens_core.capture.history import ModelHistory
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -465,7 +465,7 @@ def show_model_graph(
         lens_core.show_model_graph(model, x, vis_opt="rolled", vis_fileformat="png")
     """
     # Imported here so that capture.py can import this module (for check_render_options).
-    from lens_core.capture import get_model_metadata  # noqa: PLC0415
+    from lens_core.capture.session import get_model_metadata  # noqa: PLC0415
 
     check_render_options(vis_opt, vis_nesting_depth, vis_fileformat, vis_direction, timeout)
     _output_path(vis_outpath, vis_fileformat)

@@ -1,7 +1,7 @@
 """The recorder: a scoped ``TorchFunctionMode`` plus process-wide module hooks.
 
 While installed it sees every torch call of the thread that installed it. Calls returning
-tensors become :class:`~lens_core.records.Layer` entries; module hooks tell which module each op
+tensors become :class:`~lens_core.capture.records.Layer` entries; module hooks tell which module each op
 ran in and which op is the output of which module call. Nothing of torch is patched: the mode
 and the hooks are the official, scoped mechanisms, and :meth:`Recorder.uninstall` removes both.
 
@@ -31,10 +31,10 @@ from torch.nn.modules.module import (
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from lens_core._ops import MUTATES_NOTHING, OpInfo, describe, write_through_view
-from lens_core.gradients import GradientSlot
-from lens_core.records import CallRecord, Layer, ModelIndex, ParamInfo, ParentRef, StackNode
-from lens_core.selection import Selection
+from lens_core.capture._ops import MUTATES_NOTHING, OpInfo, describe, write_through_view
+from lens_core.capture.gradients import GradientSlot
+from lens_core.capture.records import CallRecord, Layer, ModelIndex, ParamInfo, ParentRef, StackNode
+from lens_core.capture.selection import Selection
 from lens_core.summaries import Summaries
 
 # Per-callable facts, shared by all captures: torch callables live as long as the process.

@@ -1,6 +1,6 @@
 """The graph of a captured forward pass as plain data: nodes, edges and nested module boxes.
 
-Every drawing starts here (graphviz in :mod:`lens_core.render`, a TensorBoard GraphDef later), so
+Every drawing starts here (graphviz in :mod:`lens_core.graph.render`, a TensorBoard GraphDef later), so
 the decisions live in one place and import nothing but the history: which layer passes become one
 node (``vis_opt``), which module calls become nested boxes and which are collapsed into a single
 node (``vis_nesting_depth``), and which edges carried a gradient back.
@@ -22,10 +22,10 @@ from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, TypeVar
 
-from lens_core.records import Layer, ParamInfo
+from lens_core.capture.records import Layer, ParamInfo
 
 if TYPE_CHECKING:
-    from lens_core.history import ModelHistory
+    from lens_core.capture.history import ModelHistory
 
 __all__ = [
     "GraphCluster",

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from lens_core._rng import get_rng_states, set_rng_states
-from lens_core.capture import Capture, as_args, run_forward
-from lens_core.history import ModelHistory
-from lens_core.recorder import iter_tensors
-from lens_core.records import CallRecord, Layer, ParentRef
+from lens_core.capture.history import ModelHistory
+from lens_core.capture.recorder import iter_tensors
+from lens_core.capture.records import CallRecord, Layer, ParentRef
+from lens_core.capture.session import Capture, as_args, run_forward
 
 __all__ = ["LayerCheck", "ValidationReport", "validate_model_activations", "validation_report"]
 

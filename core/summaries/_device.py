@@ -2,7 +2,7 @@
 
 Reading a number with ``.item()`` stalls the device until its queue is done; here nothing is
 read back while the work is queued. Every statistic, bin count and edge of every tensor goes
-into one byte buffer that ``lens_core.summaries`` copies to the host with a single ``.cpu()``.
+into one byte buffer that :func:`summarize_on_device` copies to the host with a single ``.cpu()``.
 Nothing being known on the host, every tensor goes through the masking of non-finite values;
 the passes are cheap on an accelerator, the waits would not be.
 """
@@ -10,11 +10,13 @@ the passes are cheap on an accelerator, the waits would not be.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 
-from lens_core import _histogram, _passes
-from lens_core._passes import Scratch
+from lens_core.summaries import _histogram, _passes
+from lens_core.summaries._passes import Scratch
+from lens_core.summaries.summary import Histogram, TensorSummary, no_finite_values
 
 # The layout of a tensor's row in the buffer: these integers, then the bin counts ...
 INT_STATS = ("nan_count", "inf_count", "zero_count")
@@ -117,3 +119,32 @@ def _device_stats(
     counts[bins - 1] += counts[bins]  # the maximum's bin: the last bin holds its right edge
     ints = torch.cat((torch.stack((nans, infs, zeros)), counts[:bins]))
     return ints, torch.stack((mean, std, mean_abs, l2_norm))
+
+
+def summarize_on_device(tensors: list[torch.Tensor], bins: int) -> list[TensorSummary]:
+    wide = torch.float32 if tensors[0].device.type == "mps" else torch.float64  # MPS: no float64
+    packed, order = pack(tensors, bins, wide)
+    host = packed.cpu()  # the one transfer (and the one wait) for this device
+    sizes = [tensors[index].numel() for index in order]
+    found = dict(zip(order, _unpack(host, sizes, bins, wide), strict=True))
+    return [found[index] for index in range(len(tensors))]
+
+
+def _unpack(host: torch.Tensor, sizes: list[int], bins: int, wide: torch.dtype) -> Iterator[TensorSummary]:
+    int_width = len(INT_STATS) + bins
+    float_width = len(FLOAT_STATS) + bins + 1
+    split = len(sizes) * int_width * 8
+    ints = host[:split].view(torch.int64).tolist()
+    floats = host[split:].view(wide).tolist()
+    for row, numel in enumerate(sizes):
+        nans, infs, zeros, *counts = ints[row * int_width:(row + 1) * int_width]
+        mean, std, mean_abs, l2_norm, low, high, *edges = floats[row * float_width:(row + 1) * float_width]
+        finite = numel - nans - infs
+        if finite == 0:
+            yield no_finite_values(numel, nans, infs)
+            continue
+        yield TensorSummary(
+            numel=numel, mean=mean, std=std, min=low, max=high, mean_abs=mean_abs, l2_norm=l2_norm,
+            zero_fraction=zeros / finite, nan_count=nans, inf_count=infs,
+            histogram=Histogram(tuple(edges), tuple(counts)),
+        )

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 
 from lens_core import store
-from lens_core.history import ModelHistory
+from lens_core.capture.history import ModelHistory
 from lens_core.summaries import TensorSummary, summarize
 
 __all__ = ["CaptureView", "CliError", "RunEntry", "Statistics", "history_folder", "list_run", "open_capture"]
