@@ -149,7 +149,7 @@ def test_lightning_raise(tmp_path: Path) -> None:
 
 
 def test_plain_loop_gradient_check() -> None:
-    from tests.core.test_forensics import NormOfZeroRow
+    from tests.core.checks.test_forensics import NormOfZeroRow
 
     torch.manual_seed(0)
     model = NormOfZeroRow()
@@ -177,7 +177,7 @@ def test_plain_loop_gradient_check() -> None:
 def test_lightning_gradient_check_skips_the_step(tmp_path: Path) -> None:
     from torch.utils.data import DataLoader, TensorDataset
 
-    from tests.core.test_forensics import NormOfZeroRow
+    from tests.core.checks.test_forensics import NormOfZeroRow
 
     class LitNorm(LitCNN):
         def __init__(self) -> None:

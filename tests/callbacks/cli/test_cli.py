@@ -27,7 +27,7 @@ import lens_core as lc
 from lens_callbacks import DiskWriter, Lens
 from tests.conftest import require
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 EXIT_ERROR = 2
 Completed = subprocess.CompletedProcess[str]
 

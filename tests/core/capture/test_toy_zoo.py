@@ -23,7 +23,7 @@ from torch.nn.modules import module as module_globals
 
 import lens_core
 from lens_core import LayerNotFoundError, ModelHistory
-from tests.core.toy_models import (
+from tests.core.capture.toy_models import (
     CASES,
     CASES_BY_NAME,
     PARAM_FREE_STEPS,

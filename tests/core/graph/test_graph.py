@@ -26,8 +26,8 @@ import lens_core as lc
 from lens_core.graph.model import GraphNode, ModelGraph, build_graph
 from lens_core.graph.render import RenderError, RenderTimeoutError
 from tests.conftest import require
-from tests.core.test_readme_conformance import SimpleRecurrent
-from tests.core.toy_models import CASES, CASES_BY_NAME, ToyCase
+from tests.core.capture.test_readme_conformance import SimpleRecurrent
+from tests.core.capture.toy_models import CASES, CASES_BY_NAME, ToyCase
 
 GOLDEN = Path(__file__).parent / "golden"
 REGENERATE = os.environ.get("LENS_REGENERATE_GOLDEN") == "1"

@@ -23,7 +23,7 @@ from tests.conftest import require
 
 wandb = pytest.importorskip("wandb")  # the [wandb] extra
 
-from tests.callbacks import wandb_records  # noqa: E402  # decodes wandb's own protobuf records
+from tests.callbacks.writers import wandb_records  # noqa: E402  # decodes wandb's own protobuf records
 
 
 @pytest.fixture

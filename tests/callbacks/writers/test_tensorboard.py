@@ -33,7 +33,7 @@ from lens_callbacks.writers.tensorboard import STATISTICS
 from tests.callbacks.lightning_helpers import LitCNN, loader, trainer
 from tests.conftest import require
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 KEEP_ALL = {"histograms": 0, "scalars": 0, "tensors": 0, "compressedHistograms": 0}
 TENSORBOARD = Path(sys.executable).with_name("tensorboard")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
