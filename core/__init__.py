@@ -6,6 +6,7 @@ Depends on torch only. The vocabulary follows the TorchLens README (``log_forwar
 
 from lens_core._rng import get_rng_states, set_rng_states
 from lens_core.capture import (
+    FRAMEWORK_PACKAGES,
     Capture,
     FrameInfo,
     Layer,
@@ -32,6 +33,7 @@ from lens_core.store import CaptureFormatError, load, load_extra, load_summaries
 from lens_core.summaries import Histogram, Summaries, TensorSummary, summarize
 
 __all__ = [
+    "FRAMEWORK_PACKAGES",
     "AnomalyError",
     "AnomalyReport",
     "Capture",

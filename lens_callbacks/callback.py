@@ -14,6 +14,7 @@ from typing import Any, Literal
 from lens_callbacks.lens import Lens, check_anomaly_options
 from lens_callbacks.schedule import Schedule
 from lens_callbacks.writers import DiskWriter, TensorBoardWriter, WandbWriter, Writer
+from lens_core.capture.callers import FRAMEWORK_PACKAGES, FrameworkSpec, caller_filter
 from lens_core.capture.selection import LayerSpec
 
 try:
@@ -61,6 +62,9 @@ class LensCallback(Callback):
             leaves the parameters alone) or ``"continue"``. None (default) checks nothing.
         check_gradients: with ``on_anomaly``, also check the parameters' gradients after each
             backward, and report the op whose backward made them non-finite.
+        framework: packages whose ops are not layers: by default Lightning's own (logging,
+            the loss closure), ``torch.optim``, ``torch.distributed`` and the rest of
+            ``lens_core.FRAMEWORK_PACKAGES``; or a predicate on module names.
 
     Raises:
         ValueError / TypeError: a bad argument, named with the fix.
@@ -82,6 +86,7 @@ class LensCallback(Callback):
         strict: bool = False,
         on_anomaly: Literal["raise", "skip", "continue"] | None = None,
         check_gradients: bool = False,
+        framework: FrameworkSpec = FRAMEWORK_PACKAGES,
     ) -> None:
         super().__init__()
         if ranks not in ("zero", "all"):
@@ -91,6 +96,7 @@ class LensCallback(Callback):
             "layers": layers, "every_n_steps": every_n_steps, "steps": steps, "when": when,
             "stages": stages, "save_tensors": save_tensors, "bins": bins, "strict": strict,
             "on_anomaly": on_anomaly, "check_gradients": check_gradients,
+            "framework": caller_filter(framework),  # checked here, not at setup
         }
         check_anomaly_options(on_anomaly, check_gradients)
         self._writers = None if writers is None else list(writers)

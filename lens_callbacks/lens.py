@@ -21,6 +21,7 @@ from lens_callbacks.record import CaptureRecord, build_record
 from lens_callbacks.schedule import Schedule
 from lens_callbacks.writers import DiskWriter, Writer
 from lens_core import AnomalyError, AnomalyReport, Capture, ModelHistory, get_rng_states, investigate
+from lens_core.capture.callers import FRAMEWORK_PACKAGES, FrameworkSpec, caller_filter
 from lens_core.capture.selection import LayerSpec, Selection
 from lens_core.summaries import Summaries, check_bins
 
@@ -96,6 +97,10 @@ class Lens:
         check_gradients: also check the parameters' gradients after the backward
             (:meth:`check_gradients`, one more scalar check) and, when the loss was finite
             but they are not, report the op whose backward made them non-finite.
+        framework: packages whose ops are not layers (default
+            ``lens_core.FRAMEWORK_PACKAGES``: Lightning, ``torch.optim``,
+            ``torch.distributed`` ...), or a predicate on module names (see
+            ``lens_core.Capture``).
     """
 
     def __init__(
@@ -116,6 +121,7 @@ class Lens:
         strict: bool = False,
         on_anomaly: Literal["raise", "skip", "continue"] | None = None,
         check_gradients: bool = False,
+        framework: FrameworkSpec = FRAMEWORK_PACKAGES,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -140,6 +146,7 @@ class Lens:
         self.grad_scaler = grad_scaler
         self.accumulate_grad_batches = accumulate_grad_batches
         self.strict = strict
+        self.callers = caller_filter(framework)  # checked here, shared by every capture
         self.summarize_as_made = accumulate_grad_batches == 1 and not any(
             getattr(writer, "save_tensors", True) for writer in self.writers
         )
@@ -265,7 +272,7 @@ class Lens:
         try:
             self._capture = Capture(
                 self.model, self.layers, gradients=True, grad_scaler=self.grad_scaler,
-                summaries=self._pending.summaries,
+                summaries=self._pending.summaries, framework=self.callers,
             )
             self._capture.start()
         except BaseException:

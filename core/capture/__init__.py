@@ -6,11 +6,12 @@ the layer selection, and the :class:`ModelHistory` they build.
 capture gives back; ``gradients`` fills in each op's gradient in the backward pass.
 """
 
+from lens_core.capture.callers import FRAMEWORK_PACKAGES
 from lens_core.capture.history import ModelHistory
 from lens_core.capture.records import FrameInfo, Layer, ParamInfo
 from lens_core.capture.session import Capture, capture, get_model_metadata, log_forward_pass
 
 __all__ = [
-    "Capture", "FrameInfo", "Layer", "ModelHistory", "ParamInfo", "capture",
+    "FRAMEWORK_PACKAGES", "Capture", "FrameInfo", "Layer", "ModelHistory", "ParamInfo", "capture",
     "get_model_metadata", "log_forward_pass",
 ]

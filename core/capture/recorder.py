@@ -32,6 +32,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from lens_core.capture._ops import MUTATES_NOTHING, OpInfo, describe, write_through_view
+from lens_core.capture.callers import CallerFilter
 from lens_core.capture.gradients import GradientSlot
 from lens_core.capture.records import CallRecord, Layer, ModelIndex, ParamInfo, ParentRef, StackNode
 from lens_core.capture.selection import Selection
@@ -101,8 +102,12 @@ class Recorder(TorchFunctionMode):
         unscale: Callable[[], float] | None = None,
         keep_calls: bool = False,
         summaries: Summaries | None = None,
+        callers: CallerFilter | None = None,
+        bookkeeping: bool = False,
     ) -> None:
         super().__init__()
+        self._callers = None if callers is None or callers.everything else callers
+        self._bookkeeping = bookkeeping
         self._gradients = gradients
         self._summaries = summaries
         self._unscale = unscale
@@ -182,6 +187,10 @@ class Recorder(TorchFunctionMode):
             mutated = info.mutated_tensor(args, kwargs)
             if mutated is not None and self._saved_by_storage:
                 self._copy_before_write(mutated)
+        if self._callers is not None and self._callers.issued_by_framework(sys._getframe(1)):
+            out = func(*args, **kwargs)
+            self._pass_through((args, kwargs), out)
+            return out
         if self._keep_calls:  # buffers as the op finds them (it may update them, like BatchNorm)
             self._buffers_before = {
                 id(t): t.detach().clone() for t in iter_tensors((args, kwargs)) if id(t) in self._buffers
@@ -207,6 +216,17 @@ class Recorder(TorchFunctionMode):
                 if entry.tensor_contents is not None:
                     entry.tensor_contents = entry.tensor_contents.clone()
                 self.saved_versions.pop(entry.index, None)
+
+    def _pass_through(self, inputs: Any, out: Any) -> None:
+        """A framework op is no layer, but what it returns stands for its first recorded input, so
+        that a layer reading it (a loss moved to another device, a gathered tensor) keeps its parent."""
+        for tensor in iter_tensors(inputs):
+            producer = self._producers.get(id(tensor))
+            if producer is not None and producer[0]() is tensor:
+                for result in iter_tensors(out):
+                    if result is not tensor:
+                        self._producers[id(result)] = (weakref.ref(result), producer[1])
+                return
 
     def _record(
         self,
@@ -235,6 +255,8 @@ class Recorder(TorchFunctionMode):
                     for item in arg:
                         if isinstance(item, Tensor):
                             self._classify_arg(item, parents, params, buffers)
+        if buffers and not (parents or params or self._bookkeeping) and self._only_buffers(mutated):
+            return  # bookkeeping (``num_batches_tracked += 1``): nothing of the inputs in it
 
         # the caller of __torch_function__; an op with parameters needs no key of its code path
         frames, site = self._walk(sys._getframe(2), keyed=not params or mutated is not None)
@@ -254,6 +276,15 @@ class Recorder(TorchFunctionMode):
             entry.call = call
         if mutated is not None:
             self._record_writes_through_views(mutated, entry, site, frames)
+
+    def _only_buffers(self, mutated: Any) -> bool:
+        """Whether ``mutated`` is one or more of the model's buffers (False for None)."""
+        found = False
+        for tensor in iter_tensors(mutated):
+            if id(tensor) not in self._buffers:
+                return False
+            found = True
+        return found
 
     def _record_writes_through_views(self, mutated: Any, writer: Layer, site: int, frames: StackNode) -> None:
         """Gives a base tensor written through one of its views (``x[0].mul_(2)``) a new layer.

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lens_core._rng import get_rng_states
+from lens_core.capture.callers import FRAMEWORK_PACKAGES, FrameworkSpec, caller_filter
 from lens_core.capture.history import ModelHistory
 from lens_core.capture.recorder import Recorder, iter_tensors
 from lens_core.capture.records import ModelIndex
@@ -93,9 +94,15 @@ class Capture:
         grad_scaler: Any = None,
         save_function_args: bool = False,
         summaries: Summaries | None = None,
+        framework: FrameworkSpec = FRAMEWORK_PACKAGES,
+        bookkeeping: bool = False,
         _argument: str = "layers",
     ) -> None:
         self.model = _check_model(model)
+        self.callers = caller_filter(framework)
+        if not isinstance(bookkeeping, bool):
+            raise TypeError(f"bookkeeping must be True or False, got {bookkeeping!r}.")
+        self.bookkeeping = bookkeeping
         if random_seed is not None and (isinstance(random_seed, bool) or not isinstance(random_seed, int)):
             raise TypeError(f"random_seed must be an int or None, got {random_seed!r}.")
         self.random_seed = random_seed
@@ -166,6 +173,7 @@ class Capture:
             self._recorder = Recorder(
                 ModelIndex.of(self.model), self.selection, stop_frame, gradients=self.gradients,
                 unscale=self._unscale, keep_calls=self._keep_calls, summaries=self.summaries,
+                callers=self.callers, bookkeeping=self.bookkeeping,
             )
             self._started_at = perf_counter()
             self._recorder.install()
@@ -324,6 +332,9 @@ def log_forward_pass(
     save_gradients: bool = False,
     vis_direction: str = "bottomup",
     save_function_args: bool = False,
+    *,
+    framework: FrameworkSpec = FRAMEWORK_PACKAGES,
+    bookkeeping: bool = False,
 ) -> ModelHistory:
     """Runs ``model`` once and returns the :class:`ModelHistory` of every op it ran.
 
@@ -348,6 +359,7 @@ def log_forward_pass(
             later, from the output or from any saved layer (``history.backward(label)``).
         save_function_args: keep each op's arguments, so that ops can be re-run (per-op
             parameter gradients: :meth:`ModelHistory.param_gradients`).
+        framework, bookkeeping: which ops are not layers (see :class:`Capture`).
 
     Raises:
         LayerNotFoundError: an item of ``layers_to_save`` matched no layer.
@@ -362,7 +374,8 @@ def log_forward_pass(
         check_render_options(vis_opt, vis_nesting_depth, vis_fileformat, vis_direction)
     cap = Capture(
         model, layers_to_save, random_seed=random_seed, gradients=save_gradients,
-        save_function_args=save_function_args, _argument="layers_to_save",
+        save_function_args=save_function_args, framework=framework, bookkeeping=bookkeeping,
+        _argument="layers_to_save",
     )
     history = run_forward(cap, input_args, input_kwargs)[0]
     if vis_opt != "none":
