@@ -40,8 +40,10 @@ class HistoryWriter:
 def _demo() -> ModuleType:
     """The `make demo` job's module: its DigitsCNN logs its loss and has BatchNorm layers."""
     require(importlib.util.find_spec("sklearn") is not None, "scikit-learn is not installed")
-    spec = importlib.util.spec_from_file_location("lightning_quickstart", ROOT / "examples" / "lightning_quickstart.py")
-    assert spec is not None and spec.loader is not None
+    path = ROOT / "examples" / "lightning_quickstart.py"
+    spec = importlib.util.spec_from_file_location("lightning_quickstart", path)
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
