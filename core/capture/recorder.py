@@ -140,6 +140,7 @@ class Recorder(TorchFunctionMode):
         self._boundaries: list[_Boundary] = [(stop_frame, None, 0)]
         self._stack_keys: dict[tuple[Any, ...], int] = {}  # code path -> small int key
         self._handles: list[RemovableHandle] = []
+        self._hooked: set[int] = set()  # ids of the modules left by _on_hooked_module_exit
 
     # -- installation -----------------------------------------------------------------------
 
@@ -147,6 +148,14 @@ class Recorder(TorchFunctionMode):
         self._handles = [
             register_module_forward_pre_hook(self._on_module_enter),
             register_module_forward_hook(self._on_module_exit, always_call=True),
+        ]
+        # Global hooks run before a module's own: a module whose hooks may replace its output
+        # (or compute more) is left by a hook of ours placed after them, so that its output
+        # layer is what the call returned and the hooks' ops are inside it.
+        self._hooked = {id(module) for module in self.index.hooked}
+        self._handles += [
+            module.register_forward_hook(self._on_hooked_module_exit, always_call=True)
+            for module in self.index.hooked
         ]
         try:
             self.__enter__()  # type: ignore[no-untyped-call]  # pushes the mode
@@ -446,10 +455,18 @@ class Recorder(TorchFunctionMode):
             self._root_depth += 1
 
     def _on_module_exit(self, module: nn.Module, args: Any, output: Any) -> None:
+        if id(module) not in self._hooked:
+            self._leave_module(module, output, sys._getframe(1))
+
+    def _on_hooked_module_exit(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._leave_module(module, output, sys._getframe(1))
+
+    def _leave_module(self, module: nn.Module, output: Any, caller: FrameType) -> None:
+        """Ends a module call; ``caller`` is the module's ``__call__``, which ran the hook."""
         address = self._addresses.get(id(module))
         if address is None or get_ident() != self._thread:
             return
-        boundaries, caller = self._boundaries, sys._getframe(1)
+        boundaries = self._boundaries
         if boundaries[-1][0] is caller:
             boundaries.pop()
         else:  # an exception unwound inner module calls without their exit hooks

@@ -53,6 +53,8 @@ class ModelIndex:
     """Address -> class name, for every submodule."""
     params: dict[int, ParamInfo]
     buffers: dict[int, str]
+    hooked: tuple[torch.nn.Module, ...] = ()
+    """Modules with forward hooks of their own, which may replace what the module returns."""
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> ModelIndex:
@@ -61,12 +63,15 @@ class ModelIndex:
         types: dict[str, str] = {}
         params: dict[int, ParamInfo] = {}
         buffers: dict[int, str] = {}
+        hooked: list[torch.nn.Module] = []
         pending = [("", model)]
         while pending:  # named_modules' order, without its generator and set (half the time)
             address, module = pending.pop()
             if id(module) in modules:  # a module registered twice keeps its first address
                 continue
             modules[id(module)] = address
+            if module._forward_hooks:
+                hooked.append(module)
             if address:
                 types[address] = type(module).__name__
             prefix = f"{address}." if address else ""
@@ -78,7 +83,7 @@ class ModelIndex:
             for name, b in module._buffers.items():
                 if b is not None and id(b) not in buffers:
                     buffers[id(b)] = prefix + name
-        return cls(modules, types, params, buffers)
+        return cls(modules, types, params, buffers, tuple(hooked))
 
 
 @dataclass(frozen=True, slots=True)
