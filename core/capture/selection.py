@@ -7,9 +7,12 @@ pass is over, so with those every output is held until the end and the rest drop
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeAlias
+
+from lens_core.errors import LayerNotFoundError
 
 if TYPE_CHECKING:
     from lens_core.capture.records import Layer
@@ -24,10 +27,16 @@ _LABEL = re.compile(r"(?P<name>[a-z0-9]+_\d+(?:_\d+)?)(?::(?P<pass>\d+))?")
 _MODULE = re.compile(r"(?P<name>.*?)(?::(?P<pass>\d+))?")
 _HELP = (
     "Pass 'all', None, a layer label ('conv2d_3_7', 'linear_1_1:2'), a module address "
-    "('features.6', 'fc:2'), an ordinal (7, -5), a substring of labels ('conv'), a callable "
+    "('features.6', 'fc:2'), an ordinal (7, -5), a substring of labels or module addresses "
+    "('conv', 'lora'), a callable "
     "taking a Layer and returning bool, or a list of these. Get the names from "
     "lens_core.get_model_metadata(model, x).layer_labels."
 )
+
+
+def _in_modules(substring: str, entry: Layer) -> bool:
+    """Whether ``substring`` is part of the address of a module the op ran in."""
+    return any(substring in tag.rpartition(":")[0] for tag in entry.module_stack)
 
 
 def _split_pass(match: re.Match[str]) -> tuple[str, int | None]:
@@ -78,6 +87,14 @@ class Selection:
             self.modules.append(_split_pass(module))
         elif label := _LABEL.fullmatch(item):
             self.labels.append(_split_pass(label))
+        elif "." in item and not any(item in address for address in modules):
+            # labels have no dots: this can only name a module, and no module has it
+            close = difflib.get_close_matches(item, sorted(modules), n=5, cutoff=0.5)
+            raise LayerNotFoundError(
+                f"{argument} holds {item!r}, which is no module address of the model nor part of one"
+                + (f" (closest: {', '.join(close)})" if close else "")
+                + "; dict(model.named_modules()) lists the addresses."
+            )
         else:
             self.substrings.append(item)
 
@@ -98,7 +115,7 @@ class Selection:
             return True
         if self.labels or self.substrings:
             layer_label = f"{entry.layer_type}_{entry.type_index}_{entry.layer_index}"
-            if any(s in layer_label for s in self.substrings):
+            if any(s in layer_label or _in_modules(s, entry) for s in self.substrings):
                 return True
             return any(self._label_matches(entry, name, n) for name, n in self.labels)
         return False
@@ -121,7 +138,7 @@ class Selection:
             found.append(entry.index)
         if entry.index - num_entries in self.negative_ordinals:
             found.append(entry.index - num_entries)
-        found += [s for s in self.substrings if s in entry.layer_label]
+        found += [s for s in self.substrings if s in entry.layer_label or _in_modules(s, entry)]
         found += [f"{n}:{p}" if p else n for n, p in self.labels if self._label_matches(entry, n, p)]
         for name, n in self.modules:
             tags = entry.output_of_modules
