@@ -29,7 +29,7 @@ from lens_core.checks import (
 )
 from lens_core.errors import CaptureError, LayerNotFoundError, LensError
 from lens_core.graph import show_model_graph
-from lens_core.store import CaptureFormatError, load, load_extra, load_summaries, save
+from lens_core.store import CaptureFormatError, SeveralCapturesError, load, load_extra, load_summaries, save
 from lens_core.summaries import Histogram, Summaries, TensorSummary, summarize
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "LensError",
     "ModelHistory",
     "ParamInfo",
+    "SeveralCapturesError",
     "Summaries",
     "TensorSummary",
     "ValidationReport",

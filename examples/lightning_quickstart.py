@@ -76,7 +76,7 @@ def main() -> None:
     wandb_logger.experiment.finish()
 
     captures = sorted((args.out / "lens").glob("step_*"))
-    last = lc.load(captures[-1] / "micro_batch_0")
+    last = lc.load(captures[-1])  # a step folder of one micro-batch loads as its history
     print(f"\nCaptured {len(captures)} training steps: {', '.join(p.name for p in captures)}")
     print(f"Last capture ({captures[-1].name}): {len(last)} ops, e.g.")
     for label in last.layer_labels[:6]:

@@ -10,10 +10,27 @@ JSON and safetensors hold data only, so loading a capture from someone else runs
 theirs. ``save`` writes into a hidden sibling folder and renames it into place, so ``path``
 either holds a complete capture or nothing; ``load`` reads tensors lazily, each one the first
 time its ``tensor_contents`` or ``gradient`` is read.
+
+Training writes one capture per micro-batch into a step folder (``step_000100/micro_batch_0/``,
+see :mod:`lens_core.store.folders`); ``load`` takes those too: a step of one micro-batch loads
+as its history, a step of several with ``micro_batch=``, and a run folder is refused with the
+steps it holds (:class:`SeveralCapturesError`).
 """
 
-from lens_core.store._layout import FORMAT_VERSION, CaptureFormatError
+from lens_core.store._layout import FORMAT_VERSION, CaptureFormatError, SeveralCapturesError
 from lens_core.store._read import load, load_extra, load_summaries
 from lens_core.store._write import save
+from lens_core.store.folders import StepFolder, micro_batch_folders, step_folders
 
-__all__ = ["FORMAT_VERSION", "CaptureFormatError", "load", "load_extra", "load_summaries", "save"]
+__all__ = [
+    "FORMAT_VERSION",
+    "CaptureFormatError",
+    "SeveralCapturesError",
+    "StepFolder",
+    "load",
+    "load_extra",
+    "load_summaries",
+    "micro_batch_folders",
+    "save",
+    "step_folders",
+]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from types import ModuleType
@@ -25,9 +26,23 @@ TEMPORARY = re.compile(r"^\..+\.tmp-[0-9a-f]{12}$")
 class CaptureFormatError(LensError, ValueError):
     """A path holds no capture that :func:`load` can read.
 
-    Missing, half-written, corrupted, or written in another format version; the message names
-    the path, what is wrong and what to do.
+    Missing, half-written, corrupted, written in another format version, or holding several
+    captures (:class:`SeveralCapturesError`); the message names the path, what is wrong and
+    what to do.
     """
+
+
+class SeveralCapturesError(CaptureFormatError):
+    """A path holds several captures, not one: a step folder of several micro-batches, or a run.
+
+    Nothing is wrong with the folder; the message shows the call that loads each capture
+    (``lens_core.load(step, micro_batch=1)``) and :attr:`captures` lists their folders.
+    """
+
+    def __init__(self, message: str, captures: Sequence[Path] = ()) -> None:
+        super().__init__(message)
+        self.captures: tuple[Path, ...] = tuple(captures)
+        """The folders in ``path`` that each load: its micro-batches, or a run's step folders."""
 
 
 def library_version() -> str:

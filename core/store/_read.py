@@ -14,6 +14,7 @@ import torch
 from lens_core.capture.gradients import GradientSlot
 from lens_core.capture.history import ModelHistory
 from lens_core.capture.records import FrameInfo, Layer, ParamInfo
+from lens_core.store._find import find_capture
 from lens_core.store._layout import (
     FILES,
     FORMAT_VERSION,
@@ -21,7 +22,6 @@ from lens_core.store._layout import (
     HISTORY,
     MAGIC,
     SUMMARIES,
-    TEMPORARY,
     TENSORS,
     CaptureFormatError,
     corrupted,
@@ -31,8 +31,14 @@ from lens_core.store._layout import (
 from lens_core.summaries import TensorSummary
 
 
-def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> ModelHistory:
-    """Reads a capture written by :func:`save`.
+def load(
+    path: str | os.PathLike[str], *, micro_batch: int | None = None, device: str | torch.device = "cpu"
+) -> ModelHistory:
+    """Reads a capture written by :func:`save`, or by a writer of ``lens_callbacks``.
+
+    ``path`` may be a capture folder, or a step folder a writer made (``<run>/step_000100``,
+    also a downloaded W&B ``lens-capture`` artifact): a step of one micro-batch loads as that
+    micro-batch's history; a step of several needs ``micro_batch``.
 
     The history indexes exactly like the one saved (labels, module addresses, ordinals,
     ``lookup_keys``). Tensors stay on disk until a layer's ``tensor_contents`` or ``gradient``
@@ -40,14 +46,23 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") ->
     replayed by ``validate_model_activations``), and ``rng_states`` is empty.
 
     Args:
-        path: the capture's folder.
+        path: the capture's folder, or a step folder.
+        micro_batch: which micro-batch of a step folder to load (``micro_batch_<i>/``); only
+            for step folders.
         device: where loaded tensors go (``layer.device`` still says where they were made).
 
     Raises:
-        CaptureFormatError: ``path`` is not a complete capture of this format version.
+        SeveralCapturesError: ``path`` is a step folder of several micro-batches and
+            ``micro_batch`` is None (the message shows the call for each), or a run folder.
+        CaptureFormatError: ``path`` holds no complete capture of this format version.
         ImportError: the capture holds tensors and safetensors is not installed.
+
+    Example::
+
+        history = lens_core.load("out/demo/lens/step_000040")
+        second = lens_core.load("runs/accumulate/step_000040", micro_batch=1)
     """
-    root = Path(path)
+    root = find_capture(Path(path), micro_batch, "load")
     target = str(torch.device(device))
     document = _read_history(root)
     try:
@@ -63,13 +78,19 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") ->
     return history
 
 
-def load_summaries(path: str | os.PathLike[str]) -> dict[str, TensorSummary]:
+def load_summaries(
+    path: str | os.PathLike[str], *, micro_batch: int | None = None
+) -> dict[str, TensorSummary]:
     """The summaries saved with a capture (``save(..., summaries=...)``); empty if none were.
 
+    ``path`` and ``micro_batch`` are read as :func:`load` reads them: for a step folder these
+    are the summaries saved with that micro-batch, not the step's pooled ``summaries.json``.
+
     Raises:
+        SeveralCapturesError: as :func:`load`.
         CaptureFormatError: ``path`` is not a complete capture, or its summaries are corrupted.
     """
-    root = Path(path)
+    root = find_capture(Path(path), micro_batch, "load_summaries")
     _read_history(root)
     document = _read_json(root, SUMMARIES)
     try:
@@ -78,13 +99,16 @@ def load_summaries(path: str | os.PathLike[str]) -> dict[str, TensorSummary]:
         raise corrupted(root, f"{SUMMARIES} does not hold summaries ({error})") from None
 
 
-def load_extra(path: str | os.PathLike[str]) -> dict[str, Any]:
+def load_extra(path: str | os.PathLike[str], *, micro_batch: int | None = None) -> dict[str, Any]:
     """The ``extra`` values saved with a capture (``save(..., extra=...)``).
 
+    ``path`` and ``micro_batch`` are read as :func:`load` reads them.
+
     Raises:
+        SeveralCapturesError: as :func:`load`.
         CaptureFormatError: ``path`` is not a complete capture.
     """
-    root = Path(path)
+    root = find_capture(Path(path), micro_batch, "load_extra")
     extra = _read_history(root).get("extra", {})
     if not isinstance(extra, dict):
         raise corrupted(root, "the extra field of history.json is not an object")
@@ -221,17 +245,8 @@ def _read_json(root: Path, name: str) -> Any:
 
 
 def _read_history(root: Path) -> dict[str, Any]:
-    """history.json of ``root``, checked to be a complete capture of our format version."""
-    if not root.is_dir():
-        what = "does not exist" if not root.exists() else "is a file, not a folder"
-        raise CaptureFormatError(
-            f"{root} {what}; a saved capture is a folder written by lens_core.save(history, path)."
-        )
-    if TEMPORARY.match(root.name):
-        raise CaptureFormatError(
-            f"{root} is the temporary folder of a save that did not finish; delete it and save "
-            "the history again (lens_core.save)."
-        )
+    """history.json of ``root`` (a folder :func:`find_capture` chose), checked to be a complete
+    capture of our format version."""
     if not (root / HISTORY).exists():
         if any((root / name).exists() for name in FILES):
             raise corrupted(root, f"{HISTORY} is missing")

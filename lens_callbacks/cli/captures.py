@@ -5,14 +5,15 @@ Users point the command at whatever folder they have at hand: a run folder, a st
 micro-batch) or a history folder (``micro_batch_0/``). This module decides which one a path is
 and turns each way a folder can be wrong (missing, a run instead of a capture, half-written by
 a run that stopped) into a :class:`CliError` that names the path and what to pass instead.
-Reading a history is :mod:`lens_core.store`'s job: its ``CaptureFormatError`` (damaged files,
-another format version) is passed on unchanged, since its messages already say what to do.
+The layout of those folders is :mod:`lens_core.store.folders`, shared with the writers and
+``lens_core.load``. Reading a history is :mod:`lens_core.store`'s job: its
+``CaptureFormatError`` (damaged files, another format version) is passed on unchanged, since
+its messages already say what to do.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -21,19 +22,23 @@ import torch
 
 from lens_core import store
 from lens_core.capture.history import ModelHistory
+from lens_core.store.folders import (
+    STEP_SUMMARIES,
+    StepFolder,
+    is_step_name,
+    is_unfinished,
+    is_unfinished_micro_batch,
+    micro_batch_folders,
+    micro_batch_index,
+    micro_batch_name,
+    step_folders,
+)
 from lens_core.summaries import TensorSummary, summarize
 
 __all__ = ["CaptureView", "CliError", "RunEntry", "Statistics", "history_folder", "list_run", "open_capture"]
 
-_STEP_SUMMARIES = "summaries.json"
 _HISTORY_FILES = frozenset(("history.json", "tensors.safetensors"))
-_FIRST = "micro_batch_0"
-_MICRO_BATCH = re.compile(r"^micro_batch_\d+$")
-# Hidden folders and files of a write in progress: store.save's ".micro_batch_0.tmp-<hex>",
-# DiskWriter's ".summaries.json.tmp".
-_UNFINISHED = re.compile(r"^\..+\.tmp(-.*)?$")
-_STEP = re.compile(r"^(?:(?P<stage>[a-z_]+)_)?step_(?P<step>\d+)$")
-_RANK = re.compile(r"^rank_(?P<rank>\d+)$")
+_FIRST = micro_batch_name(0)
 # lens_core.summarize's convention for keys of gradient summaries saved beside a history.
 _GRAD_PREFIX = "grad/"
 _KINDS = ("activations", "gradients", "parameter_gradients")
@@ -136,19 +141,20 @@ def _kind(path: Path) -> Literal["history", "step"]:
     if not path.exists():
         raise CliError(f"{path} does not exist; {_WHAT_TO_PASS}.")
     if not path.is_dir():
-        if path.name in _HISTORY_FILES | {_STEP_SUMMARIES}:
+        if path.name in _HISTORY_FILES | {STEP_SUMMARIES}:
             raise CliError(f"{path} is a file of a capture; pass the folder that holds it: {path.parent}")
         raise CliError(f"{path} is a file, not a capture folder; {_WHAT_TO_PASS}.")
     names = {entry.name for entry in path.iterdir()}
-    if names & _HISTORY_FILES or _MICRO_BATCH.match(path.name) or _UNFINISHED.match(path.name):
+    if names & _HISTORY_FILES or micro_batch_index(path.name) is not None or is_unfinished(path.name):
         return "history"  # a damaged or unfinished one included: store.load says what is wrong
-    if _STEP_SUMMARIES in names or _STEP.match(path.name) or any(map(_is_micro_batch, names)):
+    if STEP_SUMMARIES in names or is_step_name(path.name) or any(map(_is_micro_batch, names)):
         return "step"
-    runs = _step_folders(path)
-    if runs:
+    steps = step_folders(path)
+    if steps:
+        plural = "" if len(steps) == 1 else "s"
         raise CliError(
-            f"{path} is a run folder holding {len(runs)} captures, not one capture; pass one of "
-            f"them, e.g. {runs[0][0]} (`lens list {path}` lists them all)."
+            f"{path} is a run folder holding {len(steps)} captured step{plural}, not one capture; pass "
+            f"one of them, e.g. {steps[0].path} (`lens list {path}` lists them all)."
         )
     raise CliError(f"{path} is not a capture (no history.json, summaries.json or micro_batch_0/); "
                    f"{_WHAT_TO_PASS}.{_run_hint(path)}")
@@ -156,7 +162,7 @@ def _kind(path: Path) -> Literal["history", "step"]:
 
 def _is_micro_batch(name: str) -> bool:
     """A finished micro-batch folder, or the hidden folder of one being saved."""
-    return bool(_MICRO_BATCH.match(name) or (_UNFINISHED.match(name) and ".micro_batch_" in name))
+    return micro_batch_index(name) is not None or is_unfinished_micro_batch(name)
 
 
 def _open_history(path: Path) -> CaptureView:
@@ -210,7 +216,7 @@ def _first_micro_batch(step: Path) -> Path:
     first = step / _FIRST
     if not first.is_dir():
         unfinished = sorted(entry.name for entry in step.iterdir()
-                            if _UNFINISHED.match(entry.name) and _FIRST in entry.name)
+                            if is_unfinished(entry.name) and _FIRST in entry.name)
         what = (f"{_FIRST}/ was never finished ({unfinished[0]} is its interrupted save)" if unfinished
                 else f"it has no {_FIRST}/")
         raise CliError(_half_written(step, what, "capture that step again"))
@@ -219,10 +225,9 @@ def _first_micro_batch(step: Path) -> Path:
 
 def _open_step(path: Path) -> CaptureView:
     history = store.load(_first_micro_batch(path))
-    names = {entry.name for entry in path.iterdir()}
     document = _step_document(path)
     summaries = {kind: _step_summaries(path, document, kind) for kind in _KINDS}
-    micro_batches = sum(1 for name in names if _MICRO_BATCH.match(name))
+    micro_batches = len(micro_batch_folders(path))
     plural = "" if micro_batches == 1 else "es"
     return CaptureView(
         path=path, history_path=path / _FIRST, history=history,
@@ -241,12 +246,12 @@ def _half_written(path: Path, what: str, fix: str) -> str:
 
 def _step_document(path: Path) -> dict[str, Any]:
     """The step's ``summaries.json``, which DiskWriter writes last, once its histories are saved."""
-    file = path / _STEP_SUMMARIES
+    file = path / STEP_SUMMARIES
     first = path / _FIRST
     try:
         document = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise CliError(_half_written(path, f"{_STEP_SUMMARIES} is missing", f"inspect {first} for the "
+        raise CliError(_half_written(path, f"{STEP_SUMMARIES} is missing", f"inspect {first} for the "
                                      "history alone")) from None
     except ValueError as error:  # invalid JSON or UTF-8
         raise CliError(f"{file} is damaged (not valid JSON: {error}); it was cut short or changed after "
@@ -264,7 +269,7 @@ def _step_summaries(path: Path, document: dict[str, Any], kind: str) -> dict[str
             raise ValueError(f"{kind!r} is {type(section).__name__}, not an object")
         return {str(name): TensorSummary.from_dict(data) for name, data in section.items()}
     except ValueError as error:
-        raise CliError(f"{path / _STEP_SUMMARIES} has damaged {kind} ({error}); inspect "
+        raise CliError(f"{path / STEP_SUMMARIES} has damaged {kind} ({error}); inspect "
                        f"{path / _FIRST} for the history alone.") from None
 
 
@@ -291,25 +296,11 @@ def list_run(run_dir: Path) -> list[RunEntry]:
     if not run_dir.is_dir():
         what = "does not exist" if not run_dir.exists() else "is a file"
         raise CliError(f"{run_dir} {what}; pass the folder a DiskWriter wrote to (its log_dir).")
-    folders = _step_folders(run_dir)
+    folders = step_folders(run_dir)
     if not folders:
         raise CliError(_no_captures(run_dir))
-    entries = [_entry(folder, match, rank) for folder, match, rank in folders]
+    entries = [_entry(found) for found in folders]
     return sorted(entries, key=lambda e: (e.step, e.stage != "train", e.stage, e.rank or 0, str(e.path)))
-
-
-def _step_folders(run_dir: Path) -> list[tuple[Path, re.Match[str], int | None]]:
-    """Step folders directly under ``run_dir`` or in its ``rank_<k>`` folders: name match and k."""
-    found: list[tuple[Path, re.Match[str], int | None]] = []
-    for child in sorted(run_dir.iterdir()):
-        if not child.is_dir():
-            continue
-        if step := _STEP.match(child.name):
-            found.append((child, step, None))
-        elif rank := _RANK.match(child.name):
-            found += [(folder, step, int(rank["rank"])) for folder in sorted(child.iterdir())
-                      if folder.is_dir() and (step := _STEP.match(folder.name))]
-    return found
 
 
 def _no_captures(run_dir: Path) -> str:
@@ -320,11 +311,12 @@ def _no_captures(run_dir: Path) -> str:
 
 def _run_hint(path: Path) -> str:
     """Points to a run folder one level down (a Lightning run keeps its captures in ``lens/``)."""
-    below = [child for child in sorted(path.iterdir()) if child.is_dir() and _step_folders(child)]
+    below = [child for child in sorted(path.iterdir()) if child.is_dir() and step_folders(child)]
     return f" Its subfolder {below[0]} is a run folder: `lens list {below[0]}`." if below else ""
 
 
-def _entry(folder: Path, match: re.Match[str], rank: int | None) -> RunEntry:
+def _entry(found: StepFolder) -> RunEntry:
+    folder, rank = found.path, found.rank
     names = {entry.name for entry in folder.iterdir()}
     problems = []
     layers = selected = None
@@ -337,12 +329,12 @@ def _entry(folder: Path, match: re.Match[str], rank: int | None) -> RunEntry:
             rank = _int(store.load_extra(folder / _FIRST).get("rank")) if rank is None else rank
         except store.CaptureFormatError as error:
             problems.append(str(error))
-    if _STEP_SUMMARIES not in names:
-        problems.append(f"{_STEP_SUMMARIES} is missing (the step was not finished)")
-    problems += [f"unfinished write {name}" for name in sorted(names) if _UNFINISHED.match(name)]
+    if STEP_SUMMARIES not in names:
+        problems.append(f"{STEP_SUMMARIES} is missing (the step was not finished)")
+    problems += [f"unfinished write {name}" for name in sorted(names) if is_unfinished(name)]
     size = sum(file.stat().st_size for file in folder.rglob("*") if file.is_file())
     return RunEntry(
-        path=folder, step=int(match["step"]), stage=match["stage"] or "train", rank=rank,
-        micro_batches=sum(1 for name in names if _MICRO_BATCH.match(name)),
+        path=folder, step=found.step, stage=found.stage, rank=rank,
+        micro_batches=len(micro_batch_folders(folder)),
         layers=layers, selected=selected, size=size, problems=tuple(problems),
     )

@@ -82,7 +82,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="lens", description="Inspect, compare, draw and list the captures lens_callbacks wrote to disk.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    capture_help = "a step folder (RUN_DIR/step_000100) or a history folder (.../micro_batch_0)"
+    capture_help = ("a step folder (RUN_DIR/step_000100, or a downloaded lens-capture W&B artifact) or a "
+                    "history folder (.../micro_batch_0)")
 
     inspect = commands.add_parser(
         "inspect", help="print the layers, shapes and statistics of a capture",

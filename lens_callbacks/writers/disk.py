@@ -7,21 +7,18 @@ from pathlib import Path
 
 from lens_callbacks.record import CaptureRecord
 from lens_core import AnomalyReport, store
+from lens_core.store.folders import STEP_SUMMARIES, micro_batch_name, rank_folder_name, step_folder_name
 
 __all__ = ["DiskWriter"]
-
-
-def capture_dirname(record: CaptureRecord) -> str:
-    """``step_000100`` for training, ``validate_step_000100`` for the other stages."""
-    prefix = "" if record.stage == "train" else f"{record.stage}_"
-    return f"{prefix}step_{record.step:06d}"
 
 
 class DiskWriter:
     """Saves every capture under ``root``: ``root/step_000100/micro_batch_0/`` and so on.
 
-    Each micro-batch folder is a saved history (``lens_core.load`` reads it back); the step
-    folder also holds ``summaries.json`` with the pooled statistics of all micro-batches.
+    Each micro-batch folder is a saved history; the step folder also holds ``summaries.json``
+    with the pooled statistics of all micro-batches, written last. ``lens_core.load`` reads a
+    step folder of one micro-batch as its history, one of several with ``micro_batch=i``
+    (the layout: :mod:`lens_core.store.folders`).
 
     Args:
         root: the run folder.
@@ -36,14 +33,15 @@ class DiskWriter:
         self.per_rank = per_rank
 
     def folder(self, record: CaptureRecord) -> Path:
-        base = self.root / f"rank_{record.rank}" if self.per_rank else self.root
-        return base / capture_dirname(record)
+        """The step folder of ``record``: ``root/[rank_<k>/]<stage_>step_<n>``."""
+        base = self.root / rank_folder_name(record.rank) if self.per_rank else self.root
+        return base / step_folder_name(record.step, record.stage)
 
     def write(self, record: CaptureRecord) -> None:
         folder = self.folder(record)
         folder.mkdir(parents=True, exist_ok=True)
         for index, history in enumerate(record.histories):
-            store.save(history, folder / f"micro_batch_{index}", tensors=self.save_tensors,
+            store.save(history, folder / micro_batch_name(index), tensors=self.save_tensors,
                        summaries=record.activations if index == 0 else None,
                        extra={"step": record.step, "stage": record.stage, "rank": record.rank},
                        overwrite=True)
@@ -53,13 +51,13 @@ class DiskWriter:
             "gradients": {k: v.to_dict() for k, v in record.gradients.items()},
             "parameter_gradients": {k: v.to_dict() for k, v in record.parameter_gradients.items()},
         }
-        temporary = folder / ".summaries.json.tmp"
+        temporary = folder / f".{STEP_SUMMARIES}.tmp"
         temporary.write_text(json.dumps(summaries))
-        temporary.replace(folder / "summaries.json")
+        temporary.replace(folder / STEP_SUMMARIES)  # last: a step folder with it is complete
 
     def write_anomaly(self, report: AnomalyReport) -> None:
         """Writes the anomaly report as ``anomaly.json`` in the folder of its step."""
-        folder = self.root / f"step_{report.step or 0:06d}"
+        folder = self.root / step_folder_name(report.step or 0)
         folder.mkdir(parents=True, exist_ok=True)
         temporary = folder / ".anomaly.json.tmp"
         temporary.write_text(json.dumps(report.to_dict(), indent=1))

@@ -18,8 +18,8 @@ from types import ModuleType
 from typing import Any
 
 from lens_callbacks.record import CaptureRecord
-from lens_callbacks.writers.disk import capture_dirname
-from lens_core import ModelHistory, store
+from lens_callbacks.writers.disk import DiskWriter
+from lens_core import ModelHistory
 from lens_core.summaries import TensorSummary
 
 __all__ = ["WandbWriter"]
@@ -70,8 +70,10 @@ class WandbWriter:
     ``lens/validate/activations/...``) so they do not overwrite the training capture of the
     same step. Each capture is also logged as an artifact of type ``lens-capture``
     (``lens-capture-<run id>``, ``lens-capture-<run id>-<stage>`` for other stages) aliased
-    ``step-<n>``: the saved first micro-batch at its root, so ``lens_core.load(artifact.download())``
-    reads it back, further micro-batches in ``micro_batch_<i>/``, and ``graph.svg``.
+    ``step-<n>``: the step folder a :class:`DiskWriter` writes (``micro_batch_<i>/`` per
+    micro-batch, the step's pooled ``summaries.json``) and ``graph.svg``. So
+    ``lens_core.load(artifact.download())`` reads a step of one micro-batch back, and
+    ``lens_core.load(folder, micro_batch=i)`` one of several; ``lens inspect`` takes the folder too.
 
     Why two step axes: W&B silently drops data logged at a step lower than the one it is at,
     and other code moves that step too (a ``WandbLogger`` advances it once per
@@ -85,8 +87,9 @@ class WandbWriter:
 
     Args:
         run: the ``wandb`` run to log to; by default the active one (``wandb.run``).
-        log_dir: keep the saved capture folders here (``<log_dir>/step_000100/...``); by
-            default they are written to a temporary folder, removed once W&B has staged them.
+        log_dir: keep the step folders here too, as a ``DiskWriter(log_dir)`` writes them
+            (``<log_dir>/step_000100/...``); by default they are written to a temporary folder,
+            removed once W&B has staged them.
         save_tensors: also put full activations and gradients (safetensors) in the artifact,
             not only metadata and summaries.
         graph: render the graph of each capture (needs the ``dot`` binary).
@@ -172,15 +175,16 @@ class WandbWriter:
             return
         wandb = _import_wandb()
         self._define_metrics(run, run_id)
-        with self._staging(record) as folder:
+        with self._staging() as root:
+            disk = DiskWriter(root, save_tensors=self.save_tensors)
+            disk.write(record)
+            folder = disk.folder(record)
             graph = self._render_graph(record.history, folder) if self.graph else None
             data = self._log_data(wandb, record, graph)
             current = _current_step(run)
             step = record.step if current is not None and record.step >= current else None
             run.log(data, step=step, commit=False)
-            run.log_artifact(
-                self._artifact(wandb, record, run_id, folder, graph), aliases=[f"step-{record.step}"]
-            )
+            run.log_artifact(self._artifact(wandb, record, run_id, folder), aliases=[f"step-{record.step}"])
 
     def close(self) -> None:
         """Nothing to release: the run is the caller's (or the logger's) to finish."""
@@ -207,33 +211,21 @@ class WandbWriter:
             data[f"{prefix}/graph"] = wandb.Html(graph.read_text(), data_is_not_path=True)
         return data
 
-    def _artifact(
-        self, wandb: ModuleType, record: CaptureRecord, run_id: str, folder: Path, graph: Path | None
-    ) -> Any:
+    def _artifact(self, wandb: ModuleType, record: CaptureRecord, run_id: str, folder: Path) -> Any:
+        """The step folder as it is on disk, so the downloaded artifact loads like the folder."""
         name = f"lens-capture-{run_id}" + ("" if record.stage == "train" else f"-{record.stage}")
         artifact = wandb.Artifact(name, type=ARTIFACT_TYPE, metadata={
             "step": record.step, "stage": record.stage, "rank": record.rank,
             "model": record.history.model_name, "micro_batches": len(record.histories),
         })
-        extra = {"step": record.step, "stage": record.stage, "rank": record.rank}
-        for index, history in enumerate(record.histories):
-            saved = store.save(
-                history, folder / f"micro_batch_{index}", tensors=self.save_tensors,
-                summaries=record.activations if index == 0 else None, extra=extra, overwrite=True,
-            )
-            # the first micro-batch at the root: lens_core.load(artifact.download()) reads it
-            artifact.add_dir(str(saved), name=None if index == 0 else saved.name)
-        if graph is not None:
-            artifact.add_file(str(graph), name=graph.name)
+        artifact.add_dir(str(folder))
         return artifact
 
     @contextmanager
-    def _staging(self, record: CaptureRecord) -> Iterator[Path]:
-        """The folder a capture is saved in before W&B copies it into its staging area."""
+    def _staging(self) -> Iterator[Path]:
+        """The run folder a capture is saved in before W&B copies it into its staging area."""
         if self.log_dir is not None:
-            folder = self.log_dir / capture_dirname(record)
-            folder.mkdir(parents=True, exist_ok=True)
-            yield folder
+            yield self.log_dir
             return
         folder = Path(tempfile.mkdtemp(prefix="lens-wandb-"))
         try:

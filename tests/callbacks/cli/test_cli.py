@@ -141,6 +141,18 @@ def test_inspect_step_folder_shows_layers_and_pooled_statistics(run: Run) -> Non
     assert row(out, "second.weight")[1:3] == ["64", f"{weight['mean_abs']:.4g}"]
 
 
+@pytest.mark.parametrize("where", ["step folder", "downloaded artifact"])
+def test_inspect_step_folder_of_one_micro_batch(run: Run, tmp_path: Path, where: str) -> None:
+    step = run.step(2, rank=1)  # rank 1 did not accumulate gradients
+    if where == "downloaded artifact":  # WandbWriter's artifact is the step folder, under W&B's name
+        step = shutil.copytree(step, tmp_path / "artifacts" / "lens-capture-1a2b3c:v1")
+    out = ok("inspect", step)
+    assert f"Capture     {step} (step 2, stage train, rank 1, 1 micro-batch)" in out
+    assert f"History     {step / 'micro_batch_0'}" in out
+    assert "pooled over 1 micro-batch" in out
+    assert "2 selected" in out
+
+
 def test_inspect_history_folder_computes_what_was_not_summarised(run: Run) -> None:
     folder = run.step(2) / "micro_batch_1"  # DiskWriter saves summaries with micro-batch 0 only
     out = ok("inspect", folder)
@@ -198,10 +210,11 @@ def test_list_sorts_captures_by_step_across_ranks_and_reports_damage(run: Run) -
 # -- graph -------------------------------------------------------------------------------------
 
 
-def test_graph_renders_svg(run: Run, tmp_path: Path) -> None:
+@pytest.mark.parametrize("rank", [0, 1], ids=["two micro-batches", "one micro-batch"])
+def test_graph_renders_svg(run: Run, tmp_path: Path, rank: int) -> None:
     require(shutil.which("dot") is not None, "graphviz's dot binary is not installed")
     pytest.importorskip("graphviz")
-    out = ok("graph", run.step(2), "-o", tmp_path / "graph.svg", "--rolled", "--depth", "1")
+    out = ok("graph", run.step(2, rank=rank), "-o", tmp_path / "graph.svg", "--rolled", "--depth", "1")
     assert out == f"wrote {tmp_path / 'graph.svg'}\n"
     svg = (tmp_path / "graph.svg").read_text()
     assert "<svg" in svg
@@ -268,6 +281,10 @@ def _does_not_exist(folder: Path) -> Path:
     return folder / "nowhere"
 
 
+def _run_folder(folder: Path) -> Path:
+    return folder.parent.parent
+
+
 DAMAGES: dict[str, tuple[Callable[[Path], Path], str]] = {
     "does not exist": (_does_not_exist, "does not exist; pass a step folder"),
     "not a capture": (_not_a_capture, "is not a capture (no history.json, summaries.json or micro_batch_0/)"),
@@ -278,6 +295,7 @@ DAMAGES: dict[str, tuple[Callable[[Path], Path], str]] = {
     "step without summaries": (
         _step_without_summaries, "is a half-written step folder: summaries.json is missing"
     ),
+    "run folder": (_run_folder, "is a run folder holding 1 captured step, not one capture; pass one of them"),
 }
 
 
@@ -305,3 +323,30 @@ def test_unusable_paths_exit_2_with_the_path_and_the_fix(
     assert done.stderr.startswith(f"lens inspect: error: {path}")
     assert DAMAGES[case][1] in done.stderr
     assert len(done.stderr.splitlines()) == 1
+
+
+# -- the same folders in Python ------------------------------------------------------------------
+
+
+def test_every_folder_the_run_wrote_loads_with_lens_core(run: Run) -> None:
+    steps = lc.store.step_folders(run.root)
+    assert len(steps) == 6
+    for found in steps:
+        count = len(lc.store.micro_batch_folders(found.path))
+        if found.step == 4:  # the step the run died in
+            with pytest.raises(lc.CaptureFormatError, match="half-written step folder") as refused:
+                lc.load(found.path)
+            assert "damaged" not in str(refused.value)
+        elif count == 1:
+            assert lc.load(found.path).layer_labels == lc.load(found.path / "micro_batch_0").layer_labels
+            assert lc.load_extra(found.path) == {"step": found.step, "stage": found.stage, "rank": found.rank}
+        else:
+            assert count == 2
+            with pytest.raises(lc.store.SeveralCapturesError, match=r"micro_batch=1\)"):
+                lc.load(found.path)
+            for index in range(count):
+                history = lc.load(found.path, micro_batch=index)
+                assert history.layer_labels == lc.load(found.path / f"micro_batch_{index}").layer_labels
+    with pytest.raises(lc.store.SeveralCapturesError, match="run folder holding 6 captured steps") as caught:
+        lc.load(run.root)
+    assert caught.value.captures == tuple(found.path for found in steps)

@@ -7,6 +7,7 @@ import pickle
 import shutil
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lens_callbacks import Lens
+from lens_callbacks import CaptureRecord, Lens
 from lens_callbacks.writers.wandb import TABLE_COLUMNS, WandbWriter
 from lens_core import store
 from lens_core.summaries import TensorSummary
@@ -109,8 +110,10 @@ def test_plain_loop_logs_histograms_table_and_artifact_at_the_step(offline: Path
     artifacts = captures(records)
     assert {a.name for a in artifacts} == {f"lens-capture-{run.id}"}
     assert [sorted(a.aliases) for a in artifacts] == [["latest", f"step-{n}"] for n in (0, 2, 4)]
-    for artifact in artifacts:
-        assert {c.path for c in artifact.manifest.contents} == {"history.json", "summaries.json"}
+    for artifact in artifacts:  # the step folder, as DiskWriter writes it
+        assert {c.path for c in artifact.manifest.contents} == {
+            "micro_batch_0/history.json", "micro_batch_0/summaries.json", "summaries.json",
+        }
         assert json.loads(artifact.metadata)["micro_batches"] == 1
 
     axes = {(m.glob_name or m.name, m.step_metric) for m in wandb_records.metrics(records)}
@@ -138,10 +141,86 @@ def test_a_capture_below_the_run_step_is_kept_under_lens_step(offline: Path) -> 
     (artifact,) = captures(records)
     assert "step-3" in artifact.aliases
     paths = {c.path for c in artifact.manifest.contents}
-    assert {"history.json", "summaries.json", "tensors.safetensors"} <= paths
-    history = store.load(keep / "step_000003" / "micro_batch_0")  # log_dir keeps what was uploaded
+    files = ("history.json", "summaries.json", "tensors.safetensors")
+    assert {f"micro_batch_0/{name}" for name in files} <= paths
+    history = store.load(keep / "step_000003")  # log_dir keeps what was uploaded: a step folder
     assert history["conv2d_1_1"].tensor_contents is not None
-    assert store.load_extra(keep / "step_000003" / "micro_batch_0")["step"] == 3
+    assert store.load_extra(keep / "step_000003")["step"] == 3
+    assert store.load(keep / "step_000003" / "micro_batch_0").layer_labels == history.layer_labels
+
+
+Layers = dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]
+"""Label -> (output, gradient) of each layer of one micro-batch."""
+
+
+@dataclass
+class Snapshots:
+    """Keeps a copy of every micro-batch's labels, outputs and gradients, as the writers saw them."""
+
+    steps: dict[int, list[Layers]] = field(default_factory=dict)
+
+    def write(self, record: CaptureRecord) -> None:
+        self.steps[record.step] = [
+            {layer.label: (_copy(layer.tensor_contents), _copy(layer.gradient)) for layer in history}
+            for history in record.histories
+        ]
+
+    def close(self) -> None: ...
+
+
+def _copy(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.detach().clone()
+
+
+def _assert_loads_as(history: Any, layers: Layers) -> None:
+    assert [layer.label for layer in history] == list(layers)
+    for layer in history:
+        output, gradient = layers[layer.label]
+        for loaded, written in ((layer.tensor_contents, output), (layer.gradient, gradient)):
+            assert (loaded is None) == (written is None), layer.label
+            if loaded is not None and written is not None:
+                assert torch.equal(loaded, written), layer.label
+
+
+def test_the_artifact_is_the_step_folder_and_loads_back(offline: Path) -> None:
+    run = wandb.init(project="lens-test", dir=offline)
+    kept = Snapshots()
+    single = Lens(SmallCNN(), steps=[0], writers=[WandbWriter(run, save_tensors=True, graph=False), kept],
+                  strict=True)
+    train(single, 1)
+    model = SmallCNN()
+    accumulating = Lens(model, steps=[1], accumulate_grad_batches=2, strict=True,
+                        writers=[WandbWriter(run, save_tensors=True, graph=False), kept])
+    for x, y in batches(2, seed=1):
+        with accumulating.step(1):
+            F.cross_entropy(model(x), y).backward()
+    accumulating.close()
+    run.finish()
+    records = wandb_records.finished_records(offline)
+    by_step = {json.loads(a.metadata)["step"]: a for a in captures(records)}
+    assert sorted(by_step) == [0, 1]
+    assert [len(kept.steps[step]) for step in (0, 1)] == [1, 2]
+    assert all(output is not None for output, _ in kept.steps[1][1].values())
+    assert sum(gradient is not None for _, gradient in kept.steps[1][1].values()) > 5
+
+    one = wandb_records.artifact_folder(by_step[0], offline / "downloaded" / "one")
+    assert sorted(str(p.relative_to(one)) for p in one.rglob("*") if p.is_file()) == [
+        "micro_batch_0/history.json", "micro_batch_0/summaries.json", "micro_batch_0/tensors.safetensors",
+        "summaries.json",
+    ]
+    _assert_loads_as(store.load(one), kept.steps[0][0])  # one micro-batch: the folder loads as it
+    assert store.load_extra(one) == {"step": 0, "stage": "train", "rank": 0}
+    assert store.load_summaries(one).keys() == store.load_summaries(one / "micro_batch_0").keys()
+
+    two = wandb_records.artifact_folder(by_step[1], offline / "downloaded" / "two")
+    assert json.loads(by_step[1].metadata)["micro_batches"] == 2
+    with pytest.raises(store.SeveralCapturesError, match="2 micro-batches") as caught:
+        store.load(two)
+    assert f"lens_core.load('{two}', micro_batch=1)" in str(caught.value)
+    assert caught.value.captures == (two / "micro_batch_0", two / "micro_batch_1")
+    for index in (0, 1):
+        _assert_loads_as(store.load(two, micro_batch=index), kept.steps[1][index])
+        assert store.load_extra(two, micro_batch=index)["step"] == 1
 
 
 def test_other_stages_and_too_many_bins(offline: Path) -> None:

@@ -7,10 +7,16 @@ it (IEEE, not CRC-32C); 2-byte little-endian length; 1-byte type FULL=1, FIRST=2
 LAST=4). A block's last bytes, too few for a header, are zero padding. Block offsets count from
 the start of the file, W&B header included. Each reassembled payload is a serialized
 ``wandb_internal_pb2.Record``.
+
+An offline run uploads no artifact: each manifest entry's ``local_path`` is the copy W&B staged
+(under ``WANDB_DATA_DIR/artifacts/staging/``) for a later ``wandb sync``; :func:`artifact_folder`
+lays those copies out as ``artifact.download()`` would.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import struct
 import time
@@ -20,7 +26,9 @@ from typing import Any
 
 from wandb.proto import wandb_internal_pb2 as pb
 
-__all__ = ["artifacts", "finished_records", "history_rows", "metrics", "read_records", "run_file"]
+__all__ = [
+    "artifact_folder", "artifacts", "finished_records", "history_rows", "metrics", "read_records", "run_file",
+]
 
 FILE_HEADER = struct.Struct("<4sHB")
 IDENT, MAGIC, VERSION = b":W&B", 0xBEE1, 0
@@ -126,3 +134,21 @@ def artifacts(records: list[pb.Record]) -> list[pb.ArtifactRecord]:
 
 def metrics(records: list[pb.Record]) -> list[pb.MetricRecord]:
     return [record.metric for record in records if record.WhichOneof("record_type") == "metric"]
+
+
+def artifact_folder(artifact: pb.ArtifactRecord, into: str | Path) -> Path:
+    """The files of a logged artifact under ``into``, at their paths in the artifact.
+
+    Each staged copy is checked against its manifest entry (size, base64 MD5 digest), as a
+    download is checked.
+    """
+    root = Path(into)
+    for entry in artifact.manifest.contents:
+        data = Path(entry.local_path).read_bytes()
+        digest = base64.b64encode(hashlib.md5(data).digest()).decode()
+        if (len(data), digest) != (entry.size, entry.digest):
+            raise ValueError(f"the staged copy of {entry.path} ({entry.local_path}) is not the manifest's")
+        target = root / entry.path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    return root
