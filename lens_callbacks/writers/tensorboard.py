@@ -1,4 +1,4 @@
-"""Writes each capture to TensorBoard: the op graph, histograms from our bins, statistics.
+"""Writes each capture to TensorBoard: the op graph, histograms from our bins, a few scalars.
 
 Tags, for a capture of training at step 100 (captures of other stages say so:
 ``lens.validate.activations/...``, ``lens.validate.graph/...``):
@@ -12,16 +12,35 @@ Tags, for a capture of training at step 100 (captures of other stages say so:
                                                  have no module part: ``lens.activations/add_1_4``)
 ``lens.gradients/features.6/conv2d_3_7``         histogram of the gradient of that output
 ``lens.param_grads/features.6.weight``           histogram of a parameter's ``.grad``
-``lens.activations.std/features.6/conv2d_3_7``   one scalar per statistic and kind: ``mean``,
-``lens.gradients.l2_norm/...``                   ``std``, ``min``, ``max``, ``mean_abs``,
-``lens.param_grads.mean/...``                    ``l2_norm``, ``zero_fraction``, ``nan_count``,
-                                                 ``inf_count``
+``lens.activations.std/features.6/conv2d_3_7``   scalars: ``lens.<kind>.<statistic>/<path>``,
+``lens.gradients.l2_norm/...``                   the few of :data:`CURATED_SCALARS` by default,
+``lens.param_grads.l2_norm/...``                 all of :data:`STATISTICS` with ``scalars="all"``
 ==============================================  ================================================
 
 Why this shape: TensorBoard groups a dashboard's cards by the tag's first ``/``-component, so
 the kind (and, for scalars, the statistic) comes first: one group holds the activation
 histograms of every layer, sorted by module; another the ``std`` of every activation, which is
-how layers are compared. Module addresses keep their dots, as typed in Python.
+how layers are compared. Module addresses keep their dots, as typed in Python. A layer's tags
+are its module and label, which are the same at every captured step: one series per layer.
+
+Which scalars, by default. Nine statistics of every layer of three kinds is hundreds of charts
+(342 for the demo's CNN), most of them flat: the histograms already show each distribution, so
+the scalars keep what a person compares across layers and steps:
+
+* ``activations.std``: the scale of the signal at each op. Per value, so layers of different
+  sizes compare (``l2_norm`` grows with the number of values): vanishing or exploding
+  activations and a bad initialisation show here. Not for a single value (the loss): it has
+  no spread;
+* ``activations.zero_fraction``: dead ReLUs. Written only where the output has exact zeros
+  (ReLU, dropout, pooling after them): for the other ops it would be a flat zero;
+* ``gradients.l2_norm`` and ``param_grads.l2_norm``: the gradient norm, the number gradient
+  clipping and Lightning's ``grad_norm`` use: vanishing or exploding gradients show here;
+* ``nan_count`` and ``inf_count`` of every kind: written only for a layer and step where they
+  are not zero, so a NaN appears as a new group rather than hiding among flat zeros.
+
+Scalars written only where non-zero are sparse series: TensorBoard joins the points it has, so
+a captured step without a point reads as zero, not as the line between its neighbours.
+``scalars="all"`` writes every statistic of every layer at every capture, as dense series.
 
 Histograms are our exact bins (``lens_core.summaries``), written raw: bucket counts are the
 summary's counts, not TensorBoard's re-binning of values. Everything is written at
@@ -32,9 +51,10 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lens_callbacks.record import CaptureRecord
 from lens_core import TensorSummary
@@ -42,8 +62,16 @@ from lens_core import TensorSummary
 __all__ = ["TensorBoardWriter"]
 
 _INSTALL_HINT = 'pip install "lens-callbacks[tensorboard]"'
-# The statistics written as scalars: one tag group each (per kind).
+# Every statistic of a summary: what scalars="all" writes, one tag group each (per kind).
 STATISTICS = ("mean", "std", "min", "max", "mean_abs", "l2_norm", "zero_fraction", "nan_count", "inf_count")
+# What scalars=True writes, per kind (why: the module docstring).
+CURATED_SCALARS: dict[str, tuple[str, ...]] = {
+    "activations": ("std", "zero_fraction", "nan_count", "inf_count"),
+    "gradients": ("l2_norm", "nan_count", "inf_count"),
+    "param_grads": ("l2_norm", "nan_count", "inf_count"),
+}
+# Of those, the ones written only where they are not zero (a flat zero says nothing).
+_WHEN_NONZERO = frozenset({"zero_fraction", "nan_count", "inf_count"})
 # Where Lightning keeps its TensorBoard loggers; looked up in sys.modules, never imported.
 _LOGGER_MODULES = ("lightning.pytorch.loggers", "lightning.fabric.loggers", "pytorch_lightning.loggers")
 
@@ -81,11 +109,17 @@ class TensorBoardWriter:
             ``torch.utils.tensorboard.SummaryWriter`` to add to (flushed, left open).
         graphs: write the op graph of each capture (and the run graph once).
         histograms: write histograms of activations, gradients and parameter gradients.
-        scalars: write their statistics as scalars.
+        scalars: which of their statistics to write as scalars. ``True``: a few per layer
+            (:data:`CURATED_SCALARS`: the ``std`` of activations, the ``l2_norm`` of
+            gradients and parameter gradients; zero fractions, NaN and Inf counts only where
+            not zero). ``"all"``: every statistic (:data:`STATISTICS`) of every layer at every
+            capture. ``False``: none.
 
     Raises:
         ImportError: TensorBoard is not installed (with the command that installs it).
-        TypeError: ``logdir_or_writer`` is neither a path nor a ``SummaryWriter``.
+        TypeError: ``logdir_or_writer`` is neither a path nor a ``SummaryWriter``, or an option
+            has the wrong type.
+        ValueError: ``scalars`` is a string other than ``"all"``.
     """
 
     save_tensors = False  # summaries and metadata only (see the Writer protocol)
@@ -96,15 +130,15 @@ class TensorBoardWriter:
         *,
         graphs: bool = True,
         histograms: bool = True,
-        scalars: bool = True,
+        scalars: bool | Literal["all"] = True,
     ) -> None:
         summary_writer = _summary_writer_class()
-        for name, value in (("graphs", graphs), ("histograms", histograms), ("scalars", scalars)):
+        for name, value in (("graphs", graphs), ("histograms", histograms)):
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be True or False, got {value!r}.")
         self.graphs = graphs
         self.histograms = histograms
-        self.scalars = scalars
+        self.scalars = _check_scalars(scalars)
         self._owned = isinstance(logdir_or_writer, (str, os.PathLike))
         self._experiment: Any = None
         self._source: Any = None  # a Lightning logger whose experiment is looked up late
@@ -123,7 +157,7 @@ class TensorBoardWriter:
         self._run_graph_written = False
 
     @classmethod
-    def from_logger(cls, logger: Any, **options: bool) -> TensorBoardWriter | None:
+    def from_logger(cls, logger: Any, **options: Any) -> TensorBoardWriter | None:
         """A writer into a Lightning ``TensorBoardLogger``'s run; None for any other logger.
 
         The logger's ``experiment`` is looked up at the first capture, not here, so the logger
@@ -169,15 +203,26 @@ class TensorBoardWriter:
                 path = _layer_path(record, name) if by_layer else name
                 if self.histograms:
                     _write_histogram(experiment, f"{prefix}.{kind}/{path}", summary, record.step)
-                if self.scalars:
-                    for statistic in STATISTICS:
-                        experiment.add_scalar(
-                            f"{prefix}.{kind}.{statistic}/{path}",
-                            float(getattr(summary, statistic)),
-                            global_step=record.step,
-                        )
+                for statistic, value in self._scalars(kind, summary):
+                    experiment.add_scalar(f"{prefix}.{kind}.{statistic}/{path}", value, record.step)
         # Captures are rare and users watch for them: show them now, not after flush_secs.
         experiment.flush()
+
+    def _scalars(self, kind: str, summary: TensorSummary) -> Iterator[tuple[str, float]]:
+        """(statistic, value) of each scalar to write for one summary."""
+        if self.scalars is False:
+            return
+        if self.scalars == "all":
+            for statistic in STATISTICS:
+                yield statistic, float(getattr(summary, statistic))
+            return
+        for statistic in CURATED_SCALARS[kind]:
+            value = float(getattr(summary, statistic))
+            if statistic in _WHEN_NONZERO and not value > 0:
+                continue
+            if statistic == "std" and summary.numel == 1:  # always 0
+                continue
+            yield statistic, value
 
     def close(self) -> None:
         """Flushes; closes the ``SummaryWriter`` only if this writer created it."""
@@ -203,6 +248,17 @@ class TensorBoardWriter:
             _run_metadata_summary(f"{prefix}.graph/step_{record.step:06d}", metadata.SerializeToString()),
             record.step,
         )
+
+
+def _check_scalars(scalars: object) -> bool | Literal["all"]:
+    if isinstance(scalars, bool):
+        return scalars
+    message = f'scalars={scalars!r}: use True (a few per layer), "all" (every statistic) or False (none).'
+    if not isinstance(scalars, str):
+        raise TypeError(message)
+    if scalars != "all":
+        raise ValueError(message)
+    return "all"
 
 
 def _layer_path(record: CaptureRecord, label: str) -> str:

@@ -11,11 +11,19 @@ so we translate it:
   since they come from, or go to, outside the model. A layer run several times has a node per
   pass, ``linear_1_1_pass2`` (TensorBoard would read ``linear_1_1:2`` as output slot 2);
 * ``op`` is the layer type, ``input`` the parents, ``_output_shapes`` the output shape (it
-  labels the edges), and string attributes say what the info card should: label, function,
-  parameters, module, pass, dtype;
+  labels the edges), and the other attributes say what the info card should, as text: label,
+  function, module, parameters, dtype, shape, and the pass of a layer run more than once;
 * ``RunMetadata.step_stats`` holds each op's duration, so "Color by: Compute time" works, and
   the bytes of its output for "Color by: Memory" (devices are named ``/device:CPU:0``: the
   profile view ignores others).
+
+Why those attributes are keys (``"module: features.0:1 (Conv2d)"``) with an empty value: the
+info card prints an attribute's key as it is but its value as the JSON of the ``AttrValue``
+message (``JSON.stringify`` in TensorBoard's ``tf-node-info``, 2.21), so
+``AttrValue(s=b"1 of 1")`` reads ``{"s":"1 of 1"}`` whatever the field, and an empty one
+``{}``: only the key column is plain text. The card leaves out ``_output_shapes`` and lists the
+rest in map order. It prints the served text format without unescaping it, so a non-ASCII
+module name would read as octal escapes.
 
 This module imports TensorBoard's protos, so only the TensorBoard writer imports it.
 """
@@ -82,31 +90,36 @@ def device_name(device: torch.device) -> str:
     return f"/device:{device.type.upper()}:{device.index or 0}"
 
 
-def _string(value: str) -> attr_value_pb2.AttrValue:
-    return attr_value_pb2.AttrValue(s=value.encode())
-
-
 def _shape(shape: Iterable[int]) -> tensor_shape_pb2.TensorShapeProto:
     return tensor_shape_pb2.TensorShapeProto(
         dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=size) for size in shape]
     )
 
 
-def _attributes(history: ModelHistory, layer: Layer) -> dict[str, attr_value_pb2.AttrValue]:
-    shapes = attr_value_pb2.AttrValue.ListValue(shape=[_shape(layer.shape)])
-    attributes = {
-        "_output_shapes": attr_value_pb2.AttrValue(list=shapes),
-        "label": _string(layer.label),
-        "function": _string(layer.func_name),
-        "dtype": _string(str(layer.dtype).removeprefix("torch.")),
-        "pass": _string(f"{layer.pass_num} of {layer.num_passes}"),
+def _facts(history: ModelHistory, layer: Layer) -> dict[str, str]:
+    """What the info card of ``layer``'s node says, each the attribute ``"<name>: <text>"``."""
+    found = {
+        "label": layer.label,
+        "function": layer.func_name,
+        "dtype": str(layer.dtype).removeprefix("torch."),
+        "shape": str(tuple(layer.shape)),
     }
+    if layer.num_passes > 1:
+        found["pass"] = f"{layer.pass_num} of {layer.num_passes}"
     if layer.module_stack and not (layer.is_input or layer.is_output):
         module = layer.module_stack[-1]
         kind = history.module_types.get(module.rpartition(":")[0])
-        attributes["module"] = _string(f"{module} ({kind})" if kind else module)
+        found["module"] = f"{module} ({kind})" if kind else module
     if layer.params:
-        attributes["params"] = _string(", ".join(f"{p.name} {tuple(p.shape)}" for p in layer.params))
+        found["params"] = ", ".join(f"{p.name} {tuple(p.shape)}" for p in layer.params)
+    return found
+
+
+def _attributes(history: ModelHistory, layer: Layer) -> dict[str, attr_value_pb2.AttrValue]:
+    shapes = attr_value_pb2.AttrValue.ListValue(shape=[_shape(layer.shape)])
+    attributes = {"_output_shapes": attr_value_pb2.AttrValue(list=shapes)}
+    for name, text in _facts(history, layer).items():
+        attributes[f"{name}: {text}"] = attr_value_pb2.AttrValue()
     return attributes
 
 

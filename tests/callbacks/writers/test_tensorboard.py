@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.compat.proto import config_pb2
+from tensorboard.compat.proto import attr_value_pb2, config_pb2
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
@@ -29,7 +29,7 @@ from lens_callbacks import CaptureRecord, Lens, LensCallback
 from lens_callbacks.record import build_record
 from lens_callbacks.writers import TensorBoardWriter
 from lens_callbacks.writers import tensorboard_graph as tb_graph
-from lens_callbacks.writers.tensorboard import STATISTICS
+from lens_callbacks.writers.tensorboard import CURATED_SCALARS, STATISTICS
 from tests.callbacks.lightning_helpers import LitCNN, loader, trainer
 from tests.conftest import require
 
@@ -83,6 +83,24 @@ def shapes(node: Any) -> list[tuple[int, ...]]:
     return [tuple(d.size for d in shape.dim) for shape in node.attr["_output_shapes"].list.shape]
 
 
+def card(node: Any) -> dict[str, str]:
+    """The node's attributes as TensorBoard's info card prints them: ``"<name>: <text>"`` keys.
+
+    The card prints a key as it is and a value as the JSON of the ``AttrValue``, so every
+    attribute but ``_output_shapes`` (which labels the edges) carries its text in the key.
+    """
+    facts = {}
+    for key, value in node.attr.items():
+        if key == "_output_shapes":
+            continue
+        name, separator, text = key.partition(": ")
+        assert separator, key
+        assert text, key
+        assert value == attr_value_pb2.AttrValue(), f"{key}: the card would print {value} as JSON"
+        facts[name] = text
+    return facts
+
+
 def check_graph(graph: Any, history: lc.ModelHistory) -> None:
     """Every op is a node, named by its module, with its parents as inputs and its shape."""
     names = tb_graph.node_names(history)
@@ -93,23 +111,28 @@ def check_graph(graph: Any, history: lc.ModelHistory) -> None:
         assert node.op == layer.layer_type
         assert list(node.input) == [names[parent] for parent in layer.parents]
         assert shapes(node) == [layer.shape]
-        assert node.attr["label"].s.decode() == layer.label
-        assert node.attr["function"].s.decode() == layer.func_name
-        assert node.attr["pass"].s.decode() == f"{layer.pass_num} of {layer.num_passes}"
+        facts = card(node)
+        assert facts["label"] == layer.label
+        assert facts["function"] == layer.func_name
+        assert facts["dtype"] == str(layer.dtype).removeprefix("torch.")
+        assert facts["shape"] == str(tuple(layer.shape))
+        if layer.num_passes > 1:
+            assert facts["pass"] == f"{layer.pass_num} of {layer.num_passes}"
+        else:
+            assert "pass" not in facts  # "1 of 1" says nothing
         scope = "" if layer.is_input or layer.is_output or layer.module is None else layer.module
         assert node.name.rpartition("/")[0] == scope.replace(".", "/")
         assert ":" not in node.name
         if layer.params:
-            params = node.attr["params"].s.decode()
-            assert all(param.name in params for param in layer.params)
+            assert all(param.name in facts["params"] for param in layer.params)
 
 
-def train_plain(logdir: Path, steps: int = 4) -> Keep:
+def train_plain(logdir: Path, steps: int = 4, **options: Any) -> Keep:
     torch.manual_seed(0)
     model = NestedCNN()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     keep = Keep()
-    lens = Lens(model, every_n_steps=2, writers=[TensorBoardWriter(logdir), keep], strict=True)
+    lens = Lens(model, every_n_steps=2, writers=[TensorBoardWriter(logdir, **options), keep], strict=True)
     generator = torch.Generator().manual_seed(0)
     for step in range(steps):
         x, y = torch.randn(4, 1, 8, 8, generator=generator), torch.randint(0, 3, (4,), generator=generator)
@@ -126,6 +149,13 @@ def plain_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Keep]:
     """A run of a plain loop (captures at steps 0 and 2) in ``<root>/plain``."""
     root = tmp_path_factory.mktemp("runs")
     return root, train_plain(root / "plain")
+
+
+@pytest.fixture(scope="module")
+def all_scalars_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Keep]:
+    """The same run written with ``scalars="all"``."""
+    logdir = tmp_path_factory.mktemp("runs") / "all"
+    return logdir, train_plain(logdir, scalars="all")
 
 
 # -- the graph ---------------------------------------------------------------------------------
@@ -164,9 +194,10 @@ def test_graph_edges_are_labelled_with_shapes(plain_run: tuple[Path, Keep]) -> N
     nodes = {node.name: node for node in metadata.function_graphs[0].pre_optimization_graph.node}
     assert shapes(nodes["features/0/conv2d_1_1"]) == [(4, 4, 8, 8)]
     assert list(nodes["features/3/conv2d_2_4"].input) == ["features/2/maxpool2d_1_3"]
-    assert nodes["features/0/conv2d_1_1"].attr["module"].s == b"features.0:1 (Conv2d)"
-    params = nodes["features/0/conv2d_1_1"].attr["params"].s
-    assert params == b"features.0.weight (4, 1, 3, 3), features.0.bias (4,)"
+    assert card(nodes["features/0/conv2d_1_1"]) == {
+        "label": "conv2d_1_1", "function": "conv2d", "dtype": "float32", "shape": "(4, 4, 8, 8)",
+        "module": "features.0:1 (Conv2d)", "params": "features.0.weight (4, 1, 3, 3), features.0.bias (4,)",
+    }
     (loss,) = (layer.label for layer in keep.records[0].history if layer.layer_type == "crossentropy")
     assert shapes(nodes[loss]) == [()]  # the loss: a scalar, at top level
 
@@ -266,16 +297,13 @@ def expected_tags(record: CaptureRecord) -> dict[str, Any]:
     return tags
 
 
-def test_histograms_are_our_bins_and_scalars_our_statistics(plain_run: tuple[Path, Keep]) -> None:
+def test_histograms_are_our_bins(plain_run: tuple[Path, Keep]) -> None:
     root, keep = plain_run
     events = accumulator(root / "plain")
     tags = expected_tags(keep.records[0])
     assert {"activations/features.0/conv2d_1_1", "gradients/classifier.1/linear_1_8",
             "activations/input_1_0", "param_grads/features.3.weight"} <= set(tags)
     assert sorted(events.Tags()["histograms"]) == sorted(f"lens.{tag}" for tag in tags)
-    assert sorted(events.Tags()["scalars"]) == sorted(
-        f"lens.{tag.partition('/')[0]}.{stat}/{tag.partition('/')[2]}" for tag in tags for stat in STATISTICS
-    )
     for index, record in enumerate(keep.records):
         for tag, summary in expected_tags(record).items():
             histogram = events.Histograms(f"lens.{tag}")[index]
@@ -287,11 +315,117 @@ def test_histograms_are_our_bins_and_scalars_our_statistics(plain_run: tuple[Pat
             assert value.sum == pytest.approx(summary.mean * summary.numel, rel=1e-6, abs=1e-9)
             squares = (summary.std**2 + summary.mean**2) * summary.numel
             assert value.sum_squares == pytest.approx(squares, rel=1e-6)
+
+
+SPARSE = {"zero_fraction", "nan_count", "inf_count"}  # written by default only where not zero
+
+
+def check_scalars(
+    events: EventAccumulator, records: list[CaptureRecord], statistics: dict[str, tuple[str, ...]],
+    curated: bool,
+) -> None:
+    """The scalar tags are exactly ``statistics`` of each kind, each point our statistic at its step;
+    ``curated``: one of ``SPARSE`` has a point only where it is not zero, the std of one value none."""
+    expected: dict[str, list[tuple[int, float]]] = {}
+    for record in records:
+        for tag, summary in expected_tags(record).items():
             kind, _, path = tag.partition("/")
-            for stat in STATISTICS:
-                scalar = events.Scalars(f"lens.{kind}.{stat}/{path}")[index]
-                assert scalar.step == record.step
-                assert scalar.value == pytest.approx(getattr(summary, stat), rel=1e-6, abs=1e-12)
+            for stat in statistics[kind]:
+                value = getattr(summary, stat)
+                if curated and ((stat in SPARSE and not value > 0) or (stat == "std" and summary.numel == 1)):
+                    continue
+                expected.setdefault(f"lens.{kind}.{stat}/{path}", []).append((record.step, value))
+    assert sorted(events.Tags()["scalars"]) == sorted(expected)
+    for tag, points in expected.items():
+        scalars = events.Scalars(tag)
+        assert [scalar.step for scalar in scalars] == [step for step, _ in points], tag
+        for scalar, (_, value) in zip(scalars, points, strict=True):
+            assert scalar.value == pytest.approx(value, rel=1e-6, abs=1e-12, nan_ok=True), tag
+
+
+def test_default_scalars_are_a_few_that_matter(plain_run: tuple[Path, Keep]) -> None:
+    root, keep = plain_run
+    events = accumulator(root / "plain")
+    assert CURATED_SCALARS == {
+        "activations": ("std", "zero_fraction", "nan_count", "inf_count"),
+        "gradients": ("l2_norm", "nan_count", "inf_count"),
+        "param_grads": ("l2_norm", "nan_count", "inf_count"),
+    }
+    check_scalars(events, keep.records, CURATED_SCALARS, curated=True)
+    groups = {tag.partition("/")[0] for tag in events.Tags()["scalars"]}
+    # a finite run: no NaN/Inf group; zero fractions only of the ops that output zeros
+    assert groups == {"lens.activations.std", "lens.activations.zero_fraction",
+                      "lens.gradients.l2_norm", "lens.param_grads.l2_norm"}
+    zeros = {tag.partition("/")[2] for tag in events.Tags()["scalars"] if ".zero_fraction/" in tag}
+    assert {"features.1/relu_1_2", "features.4/relu_2_5"} <= zeros
+    assert not any("conv2d" in path or "linear" in path for path in zeros)
+    (loss,) = (layer.label for layer in keep.records[0].history if layer.layer_type == "crossentropy")
+    assert f"lens.activations.std/{loss}" not in events.Tags()["scalars"]  # one value: no spread
+    assert f"lens.gradients.l2_norm/{loss}" in events.Tags()["scalars"]
+
+
+def test_all_scalars_is_every_statistic(
+    all_scalars_run: tuple[Path, Keep], plain_run: tuple[Path, Keep]
+) -> None:
+    logdir, keep = all_scalars_run
+    events = accumulator(logdir)
+    every = dict.fromkeys(("activations", "gradients", "param_grads"), STATISTICS)
+    check_scalars(events, keep.records, every, curated=False)  # dense: every statistic at every step
+    summaries = len(expected_tags(keep.records[0]))
+    assert len(events.Tags()["scalars"]) == len(STATISTICS) * summaries  # 9 per summary
+    default = accumulator(plain_run[0] / "plain").Tags()
+    assert summaries < len(default["scalars"]) < 2 * summaries  # about one per summary
+    assert sorted(events.Tags()["histograms"]) == sorted(default["histograms"])  # the option is scalars only
+
+
+class NonFinite(nn.Module):
+    """``log(relu(h))`` is -inf wherever ``relu`` gave 0, and ``exp`` makes it finite again; the
+    backward pass divides 0 by 0 there (a NaN gradient of the ``relu`` output), which ``relu``'s
+    own backward turns into zeros: every other tensor is finite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, 4)
+        return self.out(torch.exp(torch.log(torch.relu(self.fc(x)))))
+
+
+def test_nan_and_inf_counts_appear_only_where_there_are_some(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, keep = NonFinite(), Keep()
+    lens = Lens(model, every_n_steps=1, writers=[TensorBoardWriter(tmp_path), keep], strict=True)
+    x = torch.randn(16, 4)
+    with lens.step(5):
+        model(x).sum().backward()
+    lens.close()
+    (record,) = keep.records
+    events = accumulator(tmp_path)
+    check_scalars(events, keep.records, CURATED_SCALARS, curated=True)  # counts where not zero
+    non_finite = {tag for tag in events.Tags()["scalars"] if ".nan_count/" in tag or ".inf_count/" in tag}
+    assert non_finite == {"lens.activations.inf_count/log_1_3", "lens.gradients.nan_count/relu_1_2"}
+    (point,) = events.Scalars("lens.activations.inf_count/log_1_3")
+    assert point.step == 5
+    assert point.value == record.activations["log_1_3"].inf_count  # log of each zero the relu gave
+    assert point.value == record.activations["relu_1_2"].zero_fraction * record.activations["relu_1_2"].numel
+    assert len(events.Tags()["histograms"]) == len(expected_tags(record))  # finite values still drawn
+
+
+def test_scalars_option_is_checked_and_passed_through_from_logger(tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    fix = r'use True \(a few per layer\), "all" \(every statistic\) or False \(none\)\.'
+    for bad, error in (("everything", ValueError), ("All", ValueError), (1, TypeError), (None, TypeError)):
+        with pytest.raises(error, match=rf"scalars={bad!r}: {fix}"):
+            TensorBoardWriter(tmp_path, scalars=bad)
+    assert TensorBoardWriter(tmp_path, scalars=False).scalars is False
+    logger = TensorBoardLogger(tmp_path, name="lit")
+    writer = TensorBoardWriter.from_logger(logger, scalars="all")
+    assert writer is not None
+    assert writer.scalars == "all"
+    with pytest.raises(ValueError, match="scalars='some'"):
+        TensorBoardWriter.from_logger(logger, scalars="some")
 
 
 def test_other_stages_have_their_own_tags(tmp_path: Path) -> None:
@@ -411,6 +545,23 @@ def query(**params: str) -> str:
     return urllib.parse.urlencode(params)
 
 
+def served_attributes(pbtxt: str) -> Iterator[tuple[str, str]]:
+    """(key, value body) of each node attribute in a served graph, as the text the page reads."""
+    lines = iter(line.strip() for line in pbtxt.splitlines())
+    for line in lines:
+        if line != "attr {":
+            continue
+        key = next(lines).removeprefix('key: "').removesuffix('"')
+        assert next(lines) == "value {"
+        depth, body = 1, []
+        while depth:
+            inner = next(lines)
+            depth += inner.endswith("{") - (inner == "}")
+            body.append(inner)
+        next(lines)  # the attr's closing brace
+        yield key, "\n".join(body[:-1])
+
+
 def test_tensorboard_serves_our_graph_and_histograms(
     tensorboard_server: str, plain_run: tuple[Path, Keep]
 ) -> None:
@@ -425,6 +576,15 @@ def test_tensorboard_serves_our_graph_and_histograms(
     assert 'name: "features/3/conv2d_2_4"' in graph
     assert 'input: "features/2/maxpool2d_1_3"' in graph
     assert "_output_shapes" in graph
+    assert 'key: "module: features.0:1 (Conv2d)"' in graph
+    assert 'key: "params: features.3.weight (8, 4, 3, 3), features.3.bias (8,)"' in graph
+    for key, value in served_attributes(graph):
+        if key != "_output_shapes":  # the info card prints the key as it is, the value as JSON
+            assert value == "", f"{key}: {value}"
+            assert key.isascii(), key  # the page prints escapes as they are served
+            assert key.isprintable(), key
+            assert '"' not in key, key
+            assert "\\" not in key, key
     run_graph = get(f"{url}/data/plugin/graphs/graph?" + query(run="plain")).decode()
     assert 'name: "features/0/conv2d_1_1"' in run_graph
     profile = get(f"{url}/data/plugin/graphs/run_metadata?{tagged}")
