@@ -14,16 +14,19 @@ from lens_callbacks.schedule import Schedule
 from lens_callbacks.writers import DiskWriter, TensorBoardWriter, WandbWriter, Writer
 
 __all__ = [
-    "CaptureRecord", "DiskWriter", "Lens", "LensCallback", "Schedule", "TensorBoardWriter",
-    "WandbWriter", "Writer",
+    "CaptureRecord", "DiskWriter", "Lens", "LensCallback", "LensTrainerCallback", "Schedule",
+    "TensorBoardWriter", "WandbWriter", "Writer",
 ]
 
 
 def __getattr__(name: str) -> Any:
-    # Lightning is optional: importing it happens when LensCallback is first asked for.
+    # Lightning and transformers are optional: each is imported when its callback is asked for.
     if name == "LensCallback":
         from lens_callbacks.callback import LensCallback  # noqa: PLC0415
 
-
         return LensCallback
+    if name == "LensTrainerCallback":
+        from lens_callbacks.hf_trainer import LensTrainerCallback  # noqa: PLC0415
+
+        return LensTrainerCallback
     raise AttributeError(f"module 'lens_callbacks' has no attribute {name!r}")

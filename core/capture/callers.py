@@ -39,6 +39,8 @@ FRAMEWORK_PACKAGES: tuple[str, ...] = (
     "transformers.integrations.integration_utils",  # its logging callbacks (not its attention)
     # torch's training machinery, not its layers
     "torch.optim",
+    "torch.nn.utils.clip_grad",  # gradient clipping, by the trainer or by hand
+    "torch.utils._foreach_utils",
     "torch.amp",
     "torch.cuda.amp",
     "torch.distributed",

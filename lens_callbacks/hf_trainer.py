@@ -1,0 +1,142 @@
+"""``LensTrainerCallback``: the Hugging Face ``transformers.Trainer`` face of :class:`Lens`.
+
+It maps the Trainer's events onto the driver: arm when an optimizer step begins
+(``on_step_begin``), close each micro-batch of a gradient-accumulation window and arm the next
+(``on_substep_end``), write when the gradients are final (``on_pre_optimizer_step``: accumulated,
+clipped, before the update and before ``zero_grad``). The Trainer's own ops (its loss scaling,
+``accelerate``'s backward, NaN checks, logging) are not layers: they are framework code
+(``lens_core.FRAMEWORK_PACKAGES``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+from lens_callbacks.lens import Lens
+from lens_callbacks.schedule import Schedule
+from lens_callbacks.writers import DiskWriter, TensorBoardWriter, WandbWriter, Writer
+from lens_core.capture.callers import FRAMEWORK_PACKAGES, FrameworkSpec, caller_filter
+from lens_core.capture.selection import LayerSpec
+
+try:
+    from transformers import TrainerCallback
+except ImportError as error:  # this module is imported on first use of LensTrainerCallback
+    raise ImportError(
+        'LensTrainerCallback needs transformers: pip install transformers '
+        "(or drive a plain loop with lens_callbacks.Lens)."
+    ) from error
+
+__all__ = ["LensTrainerCallback"]
+
+
+class LensTrainerCallback(TrainerCallback):
+    """Captures every op of chosen training steps of a ``transformers.Trainer``.
+
+    Example::
+
+        trainer = Trainer(model, args, train_dataset=data,
+                          callbacks=[LensTrainerCallback(layers="attn", every_n_steps=50)])
+
+    Steps are optimizer steps (``state.global_step`` when the step begins); with
+    ``gradient_accumulation_steps`` the window's micro-batches form one capture. Parameter
+    gradients are recorded as the optimizer uses them: accumulated and clipped
+    (``max_grad_norm``).
+
+    Args:
+        layers, every_n_steps, steps, when, bins, strict, framework: as for :class:`Lens`.
+        writers: where captures go; by default a disk writer in ``<log_dir>/lens``, plus
+            TensorBoard (``args.logging_dir``) and the active W&B run when ``report_to``
+            names them. ``[]``: nowhere.
+        log_dir: root of the default disk writer (default: ``args.output_dir``).
+        save_tensors: also save full tensors to disk.
+        ranks: ``"zero"`` captures on the main process only, ``"all"`` on every process
+            (per-rank folders).
+
+    The Trainer has no event for an exception inside a step: if training fails during a
+    captured step, call ``callback.lens.abort()`` in your ``except`` to remove the capture.
+
+    Raises:
+        ValueError / TypeError: a bad argument, named with the fix.
+    """
+
+    def __init__(
+        self,
+        layers: LayerSpec = "all",
+        *,
+        every_n_steps: int | None = None,
+        steps: Iterable[int] | None = None,
+        when: Callable[[int, float | None], bool] | None = None,
+        writers: Iterable[Writer] | None = None,
+        log_dir: str | Path | None = None,
+        save_tensors: bool = False,
+        bins: int = 64,
+        ranks: Literal["zero", "all"] = "zero",
+        strict: bool = False,
+        framework: FrameworkSpec = FRAMEWORK_PACKAGES,
+    ) -> None:
+        if ranks not in ("zero", "all"):
+            raise ValueError(f"ranks={ranks!r}: use 'zero' (the main process captures) or 'all'.")
+        if not isinstance(save_tensors, bool):
+            raise TypeError(f"save_tensors={save_tensors!r}: use True or False.")
+        Schedule.build(every_n_steps, steps, when, "train")  # validates here, not at train begin
+        self._options: dict[str, Any] = {
+            "layers": layers, "every_n_steps": every_n_steps, "steps": steps, "when": when,
+            "bins": bins, "strict": strict, "framework": caller_filter(framework),
+        }
+        self._writers = None if writers is None else list(writers)
+        self._log_dir = log_dir
+        self._save_tensors = save_tensors
+        self._ranks = ranks
+        self.lens: Lens | None = None
+        self._owned: list[Writer] = []
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if model is None:
+            raise ValueError("LensTrainerCallback needs the model: the Trainer passes it to on_train_begin.")
+        writers = self._default_writers(args) if self._writers is None else self._writers
+        self._owned = [] if self._writers is not None else writers  # the writers we built, we close
+        self.lens = Lens(
+            model, writers=writers, accumulate_grad_batches=args.gradient_accumulation_steps,
+            **self._options,
+        )
+        self.lens.rank = args.process_index
+        self.lens.enabled = self._ranks == "all" or state.is_world_process_zero
+
+    def _default_writers(self, args: Any) -> list[Writer]:
+        report_to = set(args.report_to or ())
+        root = Path(self._log_dir or args.output_dir) / "lens"
+        writers: list[Writer] = [
+            DiskWriter(root, save_tensors=self._save_tensors, per_rank=self._ranks == "all")
+        ]
+        if "tensorboard" in report_to or "all" in report_to:
+            writers.append(TensorBoardWriter(args.logging_dir))
+        if "wandb" in report_to or "all" in report_to:
+            import wandb  # noqa: PLC0415  # the Trainer's W&B callback has started its run by now
+
+            if wandb.run is not None:
+                writers.append(WandbWriter(wandb.run))
+        return writers
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.lens is not None:
+            self.lens.begin_step(state.global_step)
+            self.lens.arm(state.global_step)
+
+    def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # a micro-batch of the window is done (forward and backward); the next one is part of
+        # the same optimizer step
+        if self.lens is not None:
+            self.lens.end_micro_batch()
+            self.lens.arm(state.global_step)
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.lens is not None:  # gradients are final: accumulated and clipped
+            self.lens.flush()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.lens is not None:
+            self.lens.flush()
+        for writer in self._owned:
+            writer.close()
