@@ -30,7 +30,7 @@ from lens_core.checks import (
 from lens_core.errors import CaptureError, LayerNotFoundError, LensError
 from lens_core.graph import show_model_graph
 from lens_core.store import CaptureFormatError, SeveralCapturesError, load, load_extra, load_summaries, save
-from lens_core.summaries import Histogram, Summaries, TensorSummary, summarize
+from lens_core.summaries import Histogram, LocalShard, Summaries, TensorSummary, storage_intact, summarize
 
 __all__ = [
     "FRAMEWORK_PACKAGES",
@@ -45,6 +45,7 @@ __all__ = [
     "LayerCheck",
     "LayerNotFoundError",
     "LensError",
+    "LocalShard",
     "ModelHistory",
     "ParamInfo",
     "SeveralCapturesError",
@@ -64,6 +65,7 @@ __all__ = [
     "save",
     "set_rng_states",
     "show_model_graph",
+    "storage_intact",
     "summarize",
     "validate_model_activations",
     "validation_report",

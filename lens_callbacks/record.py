@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from lens_core import Layer, ModelHistory
-from lens_core.summaries import Summaries, TensorSummary
+from lens_core.summaries import Summaries, TensorSummary, local_shard, storage_intact
 
 __all__ = ["CaptureRecord", "build_record"]
 
@@ -35,6 +36,10 @@ class CaptureRecord:
     """Label -> statistics of the gradient of the loss with respect to that output."""
     parameter_gradients: dict[str, TensorSummary] = field(default_factory=dict)
     """Parameter name -> statistics of its ``.grad`` as the optimizer sees it."""
+    skipped: dict[tuple[str, str], str] = field(default_factory=dict)
+    """``(kind, name)`` -> why that tensor has no summary above (kind ``"activation"``,
+    ``"gradient"`` or ``"parameter"``): its storage was freed or shrunk before it was read, as
+    FSDP does with its all-gather buffers. Such a tensor is never read."""
 
     @property
     def history(self) -> ModelHistory:
@@ -61,17 +66,26 @@ def _selected(histories: Sequence[ModelHistory]) -> Iterator[Layer]:
                 yield layer
 
 
-def _pooled(histories: Sequence[ModelHistory], gradients: bool) -> dict[str, torch.Tensor]:
+def _add_pooled(
+    summaries: Summaries, histories: Sequence[ModelHistory], kind: str, skipped: dict[tuple[str, str], str]
+) -> None:
+    """Adds the outputs (or gradients) of each layer, the values of all micro-batches pooled."""
     pooled: dict[str, list[torch.Tensor]] = {}
     for layer in _selected(histories):
-        value = layer.gradient if gradients else layer.tensor_contents
+        value = layer.gradient if kind == "gradient" else layer.tensor_contents
         if value is not None:
             pooled.setdefault(layer.label, []).append(value.detach())
-    # one micro-batch: the tensor itself, no copy
-    return {
-        label: parts[0] if len(parts) == 1 else torch.cat([part.reshape(-1) for part in parts])
-        for label, parts in pooled.items()
-    }
+    for label, parts in pooled.items():
+        if len(parts) == 1:  # one micro-batch: the tensor itself, no copy (checked when read)
+            summaries.add((kind, label), parts[0])
+            continue
+        if not all(storage_intact(part) for part in parts):  # the pool would read freed memory
+            skipped[kind, label] = "the storage of a micro-batch's tensor no longer holds it"
+            continue
+        # a DTensor's local shards, pooled: a DTensor's own reshape or cat may communicate
+        shards = [local_shard(part) for part in parts]
+        values = torch.cat([local.reshape(-1) for local, _ in shards])
+        summaries.add((kind, label), values, shard=shards[0][1])
 
 
 def build_record(
@@ -90,10 +104,9 @@ def build_record(
     to them here, so that the histogram edges of all are worked out in one go.
     """
     summaries = streamed if streamed is not None else Summaries(bins)
-    for label, tensor in _pooled(histories, gradients=False).items():
-        summaries.add(("activation", label), tensor)
-    for label, tensor in _pooled(histories, gradients=True).items():
-        summaries.add(("gradient", label), tensor)
+    skipped: dict[tuple[str, str], str] = {}
+    _add_pooled(summaries, histories, "activation", skipped)
+    _add_pooled(summaries, histories, "gradient", skipped)
     if model is not None:
         used = {p.name for layer in _selected(histories) for p in layer.params}
         for name, param in model.named_parameters():
@@ -102,11 +115,40 @@ def build_record(
     record = CaptureRecord(step=step, stage=stage, rank=rank, histories=histories)
     kinds = {"activation": record.activations, "gradient": record.gradients,
              "parameter": record.parameter_gradients}
-    found: dict[tuple[str, str], TensorSummary] = {}
-    for key, summary in summaries.result().items():
+
+    def named(key: Hashable) -> tuple[str, str]:
         kind, what = cast(tuple[str, str | int], key)  # a layer's label, or its index when streamed
-        found[kind, what if isinstance(what, str) else histories[0].layer_list[what].label] = summary
+        return kind, what if isinstance(what, str) else histories[0].layer_list[what].label
+
+    found = {named(key): summary for key, summary in summaries.result().items()}
+    skipped.update((named(key), why) for key, why in summaries.skipped.items())
     position = {layer.label: i for history in histories for i, layer in enumerate(history.layer_list)}
-    for (kind, name), summary in sorted(found.items(), key=lambda item: position.get(item[0][1], 0)):
-        kinds[kind][name] = summary  # layers in the order they ran, parameters in the model's
+
+    def order(item: tuple[tuple[str, str], object]) -> int:
+        return position.get(item[0][1], 0)  # layers in the order they ran, parameters in the model's
+
+    for (kind, name), summary in sorted(found.items(), key=order):
+        kinds[kind][name] = summary
+    record.skipped = dict(sorted(skipped.items(), key=order))
+    if record.skipped:
+        _warn_skipped(record)
     return record
+
+
+# Tensors named in the warning of a step, at most (FSDP frees one buffer per parameter).
+_NAMED = 10
+
+
+def _warn_skipped(record: CaptureRecord) -> None:
+    """One warning per step, naming the tensors that have no summary."""
+    names = [f"{kind} of {name}" for kind, name in record.skipped]
+    listed = ", ".join(names[:_NAMED]) + (f" and {len(names) - _NAMED} more" if len(names) > _NAMED else "")
+    why = next(iter(record.skipped.values()))
+    warnings.warn(
+        f"lens_callbacks: step {record.step}: no summary of {len(names)} tensor(s) whose storage "
+        f"was freed or shrunk before they were summarised, so never read: {listed} (the first: "
+        f"{why}). FSDP frees its all-gather buffers so. The rest of the step is written; "
+        "CaptureRecord.skipped lists them all.",
+        RuntimeWarning,
+        stacklevel=2,
+    )

@@ -12,6 +12,8 @@ from collections.abc import Callable
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from lens_core.summaries import storage_intact
+
 __all__ = ["GradientSlot"]
 
 
@@ -20,7 +22,9 @@ class GradientSlot:
 
     Several backward passes through the same output (gradient accumulation, or backward from
     two different layers) add up, as ``.grad`` does; ``count`` says how many arrived. A gradient
-    that the ``sink`` takes is not kept, so it does not add up with later ones.
+    that the ``sink`` takes is not kept, so it does not add up with later ones. When the storage
+    of the gradient held so far was freed before the next one arrives (``resize_(0)``), the sum
+    is lost: the freed tensor stays, unread, and whoever reads it checks it (``storage_intact``).
 
     Args:
         unscale: returns the loss scale to divide by (a ``GradScaler``'s ``get_scale``), so the
@@ -86,5 +90,9 @@ class GradientSlot:
         if self.unscale is not None:
             grad = grad / self.unscale()
         if not (self.sink is not None and self.sink(grad)):
-            self.value = grad if self.value is None else self.value + grad
+            held = self.value
+            if held is None:
+                self.value = grad
+            elif storage_intact(held):  # adding to freed memory would read it
+                self.value = held + grad
         self.count += 1

@@ -36,7 +36,7 @@ from lens_core.capture.callers import CallerFilter
 from lens_core.capture.gradients import GradientSlot
 from lens_core.capture.records import CallRecord, Layer, ModelIndex, ParamInfo, ParentRef, StackNode
 from lens_core.capture.selection import Selection
-from lens_core.summaries import Summaries
+from lens_core.summaries import Summaries, storage_intact
 
 # Per-callable facts, shared by all captures: torch callables live as long as the process.
 _OP_INFO: dict[Callable[..., Any], OpInfo] = {}
@@ -222,8 +222,11 @@ class Recorder(TorchFunctionMode):
         for tensor in iter_tensors(mutated):
             key = _storage_key(tensor)
             for entry in self._saved_by_storage.pop(key, ()) if key is not None else ():
-                if entry.tensor_contents is not None:
-                    entry.tensor_contents = entry.tensor_contents.clone()
+                saved = entry.tensor_contents
+                # a freed one (FSDP's buffers) whose address came back is left, unread: the
+                # summaries skip it
+                if saved is not None and storage_intact(saved):
+                    entry.tensor_contents = saved.clone()
                 self.saved_versions.pop(entry.index, None)
 
     def _pass_through(self, inputs: Any, out: Any) -> None:

@@ -25,7 +25,7 @@ from lens_core.store._layout import (
     library_version,
     safetensors_module,
 )
-from lens_core.summaries import TensorSummary
+from lens_core.summaries import TensorSummary, storage_intact
 
 
 def save(
@@ -204,7 +204,7 @@ def _history_document(
 
 def _layer_document(layer: Layer, tensors: bool) -> dict[str, Any]:
     slot = layer.gradient_slot
-    has_gradient = tensors and slot is not None and slot.has_value
+    has_gradient = tensors and _gradient(layer) is not None
     return {
         "label": layer.label,
         "layer_label": layer.layer_label,
@@ -233,7 +233,7 @@ def _layer_document(layer: Layer, tensors: bool) -> dict[str, Any]:
         "output_index": layer.output_index,
         "time_elapsed": layer.time_elapsed,
         "func_call_stack": [[f.call_fname, f.call_linenum, f.function] for f in layer.func_call_stack],
-        "saved": tensors and layer.has_saved_activations,
+        "saved": tensors and _activation(layer) is not None,
         "gradient_count": slot.count if has_gradient and slot is not None else None,
     }
 
@@ -243,14 +243,25 @@ def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
 
 
+def _activation(layer: Layer) -> torch.Tensor | None:
+    """The saved output of ``layer``, if it can still be read (FSDP frees its buffers' storage)."""
+    value = layer.tensor_contents if layer.has_saved_activations else None
+    return value if value is not None and storage_intact(value) else None
+
+
+def _gradient(layer: Layer) -> torch.Tensor | None:
+    slot = layer.gradient_slot
+    gradient = slot.value if slot is not None and slot.has_value else None
+    return gradient if gradient is not None and storage_intact(gradient) else None
+
+
 def _host_tensors(history: ModelHistory) -> dict[str, torch.Tensor]:
     arrays: dict[str, torch.Tensor] = {}
     for layer in history.layer_list:
-        value = layer.tensor_contents if layer.has_saved_activations else None
+        value = _activation(layer)
         if value is not None:
             arrays[layer.label] = _host_copy(value)
-        slot = layer.gradient_slot
-        gradient = slot.value if slot is not None and slot.has_value else None
+        gradient = _gradient(layer)
         if gradient is not None:
             arrays[GRAD_PREFIX + layer.label] = _host_copy(gradient)
     return arrays

@@ -21,6 +21,7 @@ used: it needs its range on the host (a sync per tensor) and bins with its own a
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections.abc import Hashable, Mapping
 from typing import Any, cast
@@ -31,7 +32,8 @@ from lens_core.summaries import _host
 from lens_core.summaries._device import summarize_on_device
 from lens_core.summaries._host import Binned, bin_on_host, stream, with_edges
 from lens_core.summaries._passes import Scratch
-from lens_core.summaries.summary import TensorSummary, check_bins, no_finite_values
+from lens_core.summaries._readable import local_shard, shortfall
+from lens_core.summaries.summary import LocalShard, TensorSummary, check_bins, no_finite_values
 
 __all__ = ["Summaries", "summarize"]
 
@@ -43,9 +45,18 @@ def summarize(tensors: Mapping[str, torch.Tensor], bins: int = 64) -> dict[str, 
     the tensors' device and the host waits once, not once per tensor or per statistic.
     Tensors that are views of the same elements (a reshape, a transpose) are summarised once.
 
+    A ``DTensor`` is summarised by this rank's local shard, and its summary says so
+    (``TensorSummary.shard``; None when the tensor is replicated, the local tensor then being
+    the whole of it). Summaries never communicate: whole-tensor statistics would take a
+    collective (``full_tensor()``) that every rank must join with the same tensors in the same
+    order, so a call made on one rank only (``if rank == 0: summarize(...)``) or on ranks that
+    ran different layers would hang, and it would gather on each rank the memory that sharding
+    exists to spread. For the whole tensor, call it on every rank with
+    ``{"w": w.full_tensor()}``.
+
     Args:
-        tensors: name -> dense real tensor (any shape, dtype, device; ``requires_grad`` is
-            fine, nothing is recorded by autograd).
+        tensors: name -> dense real tensor or ``DTensor`` (any shape, dtype, device;
+            ``requires_grad`` is fine, nothing is recorded by autograd).
         bins: number of histogram bins.
 
     Returns:
@@ -53,7 +64,8 @@ def summarize(tensors: Mapping[str, torch.Tensor], bins: int = 64) -> dict[str, 
 
     Raises:
         TypeError: a value is not a tensor, or is complex.
-        ValueError: ``bins`` is not an int from 1 to 65536.
+        ValueError: ``bins`` is not an int from 1 to 65536, or a tensor's storage no longer
+            holds it (freed or shrunk, see ``storage_intact``).
 
     Example::
 
@@ -65,7 +77,14 @@ def summarize(tensors: Mapping[str, torch.Tensor], bins: int = 64) -> dict[str, 
     summaries = Summaries(bins)
     for name, tensor in tensors.items():
         summaries.add(name, tensor)
-    return cast(dict[str, TensorSummary], summaries.result())
+    found = summaries.result()
+    if summaries.skipped:
+        key, why = next(iter(summaries.skipped.items()))
+        raise ValueError(
+            f"tensors[{key!r}] can no longer be read: {why}. Its storage was freed or shrunk "
+            "after it was made (FSDP frees its all-gather buffers so); summarise it before then."
+        )
+    return cast(dict[str, TensorSummary], found)
 
 
 class Summaries:
@@ -83,6 +102,11 @@ class Summaries:
 
     A tensor whose elements and values are those of one added before (a view of it, with no
     write in between: a reshape, a transpose, a gradient passed on unchanged) shares its summary.
+
+    Nothing is read from a tensor whose storage no longer holds it: one freed or shrunk before
+    it is summarised (FSDP frees its all-gather buffers with ``untyped_storage().resize_(0)``
+    after the forward of each module) has no summary in :meth:`result`, and :attr:`skipped`
+    says why. A ``DTensor`` is summarised by its local shard (see :func:`summarize`).
 
     Example::
 
@@ -104,6 +128,8 @@ class Summaries:
         self._streamed: dict[Hashable, Binned] = {}
         self._twins: dict[Hashable, Hashable] = {}  # key -> the key whose summary it shares
         self._seen: dict[_Key, tuple[weakref.ref[torch.UntypedStorage], int, Hashable]] = {}
+        self._shards: dict[Hashable, LocalShard] = {}
+        self._lost: dict[Hashable, str] = {}  # key -> why its tensor could not be read
         self._scratch = Scratch(torch.device("cpu"))
 
     def __contains__(self, key: Hashable) -> bool:
@@ -113,13 +139,20 @@ class Summaries:
     def streams(tensor: torch.Tensor) -> bool:
         """Whether :meth:`add` summarises ``tensor`` at once: then the caller may free it or
         write to it afterwards; otherwise it must leave it as it is until :meth:`result`."""
+        tensor = local_shard(tensor)[0]
         return (
             tensor.device.type == "cpu" and tensor.numel() > _host.SMALL and tensor.layout == torch.strided
             and not (tensor.is_complex() or tensor.is_quantized or tensor.is_nested)
         )
 
-    def add(self, key: Hashable, tensor: torch.Tensor) -> None:
+    def add(self, key: Hashable, tensor: torch.Tensor, *, shard: LocalShard | None = None) -> None:
         """Adds ``tensor``'s summary under ``key`` (see :meth:`streams` for when it is made).
+
+        Args:
+            key: what :meth:`result` files the summary under.
+            tensor: a dense real tensor, or a ``DTensor`` (its local shard is summarised).
+            shard: the part of a ``DTensor`` that ``tensor`` is, when the caller took it out
+                itself (the local shards of several micro-batches, concatenated).
 
         Raises:
             TypeError: ``tensor`` is not a tensor, or is complex.
@@ -129,9 +162,16 @@ class Summaries:
             raise ValueError(f"Summaries.add: {key!r} was added before; each key takes one tensor.")
         # the summary's own ops are not the model's: no capture records them, autograd neither
         with torch._C.DisableTorchFunction(), torch.no_grad():
-            tensor = _checked(key, tensor).detach()
-            twin = self._twin(key, tensor)
-            if twin is not None:
+            tensor, of_dtensor = local_shard(_checked(key, tensor))
+            tensor = tensor.detach()
+            shard = shard if shard is not None else of_dtensor
+            if shard is not None:
+                self._shards[key] = shard
+            lost = shortfall(tensor)
+            twin = None if lost is not None else self._twin(key, tensor)
+            if lost is not None:
+                self._lost[key] = lost
+            elif twin is not None:
                 self._twins[key] = twin
             elif not self.streams(tensor):
                 self._kept[key] = tensor
@@ -156,9 +196,17 @@ class Summaries:
         self._seen[elements] = (weakref.ref(storage), version, key)
         return None
 
+    @property
+    def skipped(self) -> dict[Hashable, str]:
+        """Key -> why its tensor was not summarised: its storage no longer held it (freed or
+        shrunk) when it was to be read. :meth:`add` finds those freed before it, :meth:`result`
+        those freed while kept; in the order added."""
+        return {key: self._lost[key] for key in self._keys if key in self._lost}
+
     def clear(self) -> None:
         """Forgets every summary, keeping the scratch memory for the next step's."""
-        for table in (self._keys, self._kept, self._streamed, self._twins, self._seen):
+        tables = (self._keys, self._kept, self._streamed, self._twins, self._seen, self._shards, self._lost)
+        for table in tables:
             table.clear()
 
     def discard(self, key: Hashable) -> None:
@@ -166,13 +214,17 @@ class Summaries:
         self._keys.pop(key, None)
 
     def result(self) -> dict[Hashable, TensorSummary]:
-        """Every summary, in the order added (one transfer per accelerator holding tensors)."""
+        """Every summary, in the order added (one transfer per accelerator holding tensors);
+        none for the keys in :attr:`skipped`."""
         found: dict[Hashable, TensorSummary] = {}
         binned: dict[Hashable, Binned] = dict(self._streamed)
         with torch._C.DisableTorchFunction(), torch.no_grad():
             by_device: dict[torch.device, list[Hashable]] = {}
             for key, tensor in self._kept.items():
-                if tensor.numel():
+                lost = shortfall(tensor)  # freed since it was added: never read
+                if lost is not None:
+                    self._lost[key] = lost
+                elif tensor.numel():
                     by_device.setdefault(tensor.device, []).append(key)
                 else:
                     found[key] = no_finite_values(0, 0, 0)
@@ -183,7 +235,15 @@ class Summaries:
                 else:
                     found.update(zip(group, summarize_on_device(tensors, self.bins), strict=True))
             found.update(with_edges(binned, self.bins))  # every CPU tensor's edges in one search
-        return {key: found[self._twins.get(key, key)] for key in self._keys}
+        summaries: dict[Hashable, TensorSummary] = {}
+        for key in self._keys:
+            source = self._twins.get(key, key)
+            if source in self._lost:  # a view of a tensor that was freed is freed with it
+                self._lost[key] = self._lost[source]
+                continue
+            shard, summary = self._shards.get(key), found[source]
+            summaries[key] = summary if shard is None else dataclasses.replace(summary, shard=shard)
+        return summaries
 
 
 def _checked(name: Hashable, tensor: Any) -> torch.Tensor:

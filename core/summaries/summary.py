@@ -7,7 +7,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["MAX_BINS", "Histogram", "TensorSummary", "check_bins", "no_finite_values"]
+__all__ = ["MAX_BINS", "Histogram", "LocalShard", "TensorSummary", "check_bins", "no_finite_values"]
 
 # Most histogram bins: float32 arithmetic places values in this many bins exactly.
 MAX_BINS = 1 << 16
@@ -24,6 +24,23 @@ class Histogram:
     ``numpy.histogram``."""
     counts: tuple[int, ...]
     """Number of finite values in each bin (empty when there is no finite value)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LocalShard:
+    """Says that a summary is of one rank's part of a ``DTensor``, not of the whole tensor.
+
+    Summaries never communicate (:func:`~lens_core.summaries.summarize` says why), so a
+    ``DTensor`` split or partially summed over ranks is summarised by the values this rank holds
+    (``to_local()``); its statistics are those of that shard alone.
+    """
+
+    placements: tuple[str, ...]
+    """How the tensor is laid out, one placement per mesh dimension, as torch writes it:
+    ``"Shard(dim=0)"`` (this rank holds a slice along dim 0), ``"Replicate()"`` (a full copy),
+    ``"Partial(sum)"`` (a term of a sum over ranks)."""
+    coordinate: tuple[int, ...]
+    """This rank's position on the device mesh (empty when the rank is not in the mesh)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -53,6 +70,9 @@ class TensorSummary:
     inf_count: int
     """Number of ``+inf`` and ``-inf`` values."""
     histogram: Histogram
+    shard: LocalShard | None = None
+    """None: the summary is of the whole tensor. For a ``DTensor`` that is not replicated on
+    every mesh dimension, which part of it: the summary is of this rank's local shard."""
 
     @property
     def finite_count(self) -> int:
@@ -70,6 +90,9 @@ class TensorSummary:
             "edges": [_encode(edge) for edge in self.histogram.edges],
             "counts": list(self.histogram.counts),
         }
+        if self.shard is not None:  # absent for whole tensors: their files are as before
+            shard = self.shard
+            data["shard"] = {"placements": list(shard.placements), "coordinate": list(shard.coordinate)}
         return data
 
     @classmethod
@@ -81,6 +104,7 @@ class TensorSummary:
         """
         try:
             histogram = data["histogram"]
+            shard = data.get("shard")
             return cls(
                 numel=_int(data["numel"]),
                 mean=_decode(data["mean"]),
@@ -95,6 +119,10 @@ class TensorSummary:
                 histogram=Histogram(
                     tuple(_decode(edge) for edge in histogram["edges"]),
                     tuple(_int(count) for count in histogram["counts"]),
+                ),
+                shard=None if shard is None else LocalShard(
+                    tuple(_str(placement) for placement in shard["placements"]),
+                    tuple(_int(position) for position in shard["coordinate"]),
                 ),
             )
         except (KeyError, TypeError, ValueError) as error:
@@ -117,6 +145,12 @@ def _decode(value: Any) -> float:
 def _int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"expected an int, got {value!r}")
+    return value
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {value!r}")
     return value
 
 
