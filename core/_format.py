@@ -93,11 +93,12 @@ def _seed(history: ModelHistory) -> str:
 
 def format_history(history: ModelHistory) -> str:
     num_param_ops = sum(1 for layer in history.layer_list if layer.params)
+    num_saved = history.num_tensors_saved  # a count over the layers: once, not once per layer
     lines = [
         f"Log of {history.model_name} forward pass:",
         f"\tModel structure: {_structure(history)}; {len(history.module_addresses)} total modules.",
         f"\t{len(history)} tensors ({human_bytes(history.total_activation_bytes)}) computed in "
-        f"forward pass; {history.num_tensors_saved} tensors "
+        f"forward pass; {num_saved} tensors "
         f"({human_bytes(history.saved_activation_bytes)}) saved.",
         f"\t{num_param_ops} parameter operations ({history.total_params} params total; "
         f"{human_bytes(history.total_param_bytes)}).",
@@ -111,6 +112,6 @@ def format_history(history: ModelHistory) -> str:
         if layer.summarized:
             saved = " (summarised, not kept)"
         else:
-            saved = "" if layer.has_saved_activations or history.num_tensors_saved == 0 else " (not saved)"
+            saved = "" if layer.has_saved_activations or num_saved == 0 else " (not saved)"
         lines.append(f"\t\t{layer.index}: {layer.label}{saved}")
     return "\n".join(lines)

@@ -63,6 +63,7 @@ _DISPATCH_MODULES = frozenset({
     "torch.functional",
     "torch._tensor",
     "torch._jit_internal",
+    "torch._ops",  # torch.ops.<namespace>.<op>(...) calls
     "torch.utils._device",
 })
 

@@ -141,6 +141,8 @@ class Recorder(TorchFunctionMode):
         self._stack_keys: dict[tuple[Any, ...], int] = {}  # code path -> small int key
         self._handles: list[RemovableHandle] = []
         self._hooked: set[int] = set()  # ids of the modules left by _on_hooked_module_exit
+        # parameters swapped in during the pass (sharding), by id: (weak reference, what it is)
+        self._late_params: dict[int, tuple[weakref.ref[Tensor], ParamInfo]] = {}
 
     # -- installation -----------------------------------------------------------------------
 
@@ -333,11 +335,38 @@ class Recorder(TorchFunctionMode):
         producer = self._producers.get(tid)
         if producer is not None and producer[0]() is tensor:
             parents.append(producer[1].index)
-        elif buffer is None:  # a tensor from outside the capture: it enters as an input
-            parents.append(self.add_input(tensor).index)
+        elif buffer is None:
+            swapped = self._swapped_param(tensor)
+            if swapped is not None:
+                params.append(swapped)
+                return None
+            parents.append(self.add_input(tensor).index)  # from outside the capture: an input
         else:
             return None
         return parents[-1]
+
+    def _swapped_param(self, tensor: Tensor) -> ParamInfo | None:
+        """The parameter ``tensor`` stands for, if a module on the stack holds it under a name.
+
+        Sharding wrappers swap parameters during the pass: FSDP2 puts the gathered, unsharded
+        parameter in ``module._parameters``, FSDP1 (flat parameters) sets views as attributes.
+        Found by identity in the modules the op runs in, innermost first, it takes that name.
+        """
+        known = self._late_params.get(id(tensor))
+        if known is not None and known[0]() is tensor:
+            return known[1]
+        for address in (*reversed(self._stack_addresses), ""):
+            module = self.index.by_address.get(address)
+            if module is None:
+                continue
+            for name, value in (*module._parameters.items(), *vars(module).items()):
+                if value is tensor:
+                    numel = tensor.numel()
+                    info = ParamInfo(f"{address}.{name}" if address else name, tuple(tensor.shape), numel,
+                                     numel * tensor.element_size())
+                    self._late_params[id(tensor)] = (weakref.ref(tensor), info)
+                    return info
+        return None
 
     def _call_template(
         self, arg: Any, parents: list[int], params: list[ParamInfo], buffers: list[str]

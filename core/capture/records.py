@@ -55,6 +55,8 @@ class ModelIndex:
     buffers: dict[int, str]
     hooked: tuple[torch.nn.Module, ...] = ()
     """Modules with forward hooks of their own, which may replace what the module returns."""
+    by_address: dict[str, torch.nn.Module] = field(default_factory=dict)
+    """Address -> module (``""``: the model), to find a parameter swapped in during the pass."""
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> ModelIndex:
@@ -64,12 +66,14 @@ class ModelIndex:
         params: dict[int, ParamInfo] = {}
         buffers: dict[int, str] = {}
         hooked: list[torch.nn.Module] = []
+        by_address: dict[str, torch.nn.Module] = {}
         pending = [("", model)]
         while pending:  # named_modules' order, without its generator and set (half the time)
             address, module = pending.pop()
             if id(module) in modules:  # a module registered twice keeps its first address
                 continue
             modules[id(module)] = address
+            by_address[address] = module
             if module._forward_hooks:
                 hooked.append(module)
             if address:
@@ -83,7 +87,7 @@ class ModelIndex:
             for name, b in module._buffers.items():
                 if b is not None and id(b) not in buffers:
                     buffers[id(b)] = prefix + name
-        return cls(modules, types, params, buffers, tuple(hooked))
+        return cls(modules, types, params, buffers, tuple(hooked), by_address)
 
 
 @dataclass(frozen=True, slots=True)
