@@ -1,8 +1,15 @@
 """``LensCallback``: the Lightning face of :class:`~lens_callbacks.lens.Lens`.
 
 It only maps Lightning's hooks onto the driver: arm when a batch starts, stop recording when
-the loss exists (the backward then fills in gradients), write when the optimizer is about to
-step, tear down on exceptions. Lightning 2.x (``lightning.pytorch``).
+the loss exists (the backward then fills in gradients; under manual optimization, at the end of
+``training_step``), note the gradient norm before Lightning clips, write when the batch that
+stepped the optimizer ends (the update has read the gradients it used), tear down on
+exceptions. Lightning 2.x (``lightning.pytorch``).
+
+Under automatic optimization Lightning runs the forward, the backward,
+``on_before_optimizer_step`` and the clipping inside ``optimizer.step`` (its closure): the
+gradients the update used exist only after that call, which is why they are read by the
+driver's optimizer step post-hook, not in ``on_before_optimizer_step``.
 """
 
 from __future__ import annotations
@@ -38,7 +45,11 @@ class LensCallback(Callback):
 
     The capture is the training step that really runs (no extra forward pass). Steps are
     optimizer steps (``trainer.global_step`` when the batch starts); with gradient
-    accumulation the whole window is one capture.
+    accumulation the whole window is one capture. Parameter gradients are those the update
+    used: unscaled, all-reduced and clipped (``gradient_clip_val``); the record also has the
+    total norm before clipping and the clip coefficient. Under manual optimization the capture
+    is the whole ``training_step``: every forward and backward of it (a GAN's generator and
+    discriminator phases), and each optimizer's parameter gradients at its own ``step()``.
 
     Args:
         layers: which ops to keep (a ``lens_core`` selection: ``"all"``, ``"conv"``, module
@@ -107,6 +118,8 @@ class LensCallback(Callback):
         self._last_step: int | None = None
         self._batch: tuple[Any, int] | None = None  # kept for anomaly replays only
         self._skip_step = False
+        self._manual = False  # manual optimization: the whole training_step is recorded
+        self._stepped = False  # the batch ends a window: the optimizer has stepped by its end
         self.lens: Lens | None = None
 
     @property
@@ -133,7 +146,8 @@ class LensCallback(Callback):
             **options,
         )
         # manual optimization may run several backward passes through the same outputs
-        self.lens.summarize_as_made &= bool(getattr(pl_module, "automatic_optimization", True))
+        self._manual = not getattr(pl_module, "automatic_optimization", True)
+        self.lens.summarize_as_made &= not self._manual
         self.lens.rank = trainer.global_rank
         self.lens.enabled = self._ranks == "all" or trainer.global_rank == 0
         self.lens.last_step = self._last_step
@@ -170,6 +184,7 @@ class LensCallback(Callback):
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         if self.lens is not None:
             self.lens.abort()
+        self._stepped = False
 
     def state_dict(self) -> dict[str, Any]:
         last = self.lens.last_step if self.lens is not None else self._last_step
@@ -188,12 +203,13 @@ class LensCallback(Callback):
         self.lens.begin_step(trainer.global_step)
         if self.lens.on_anomaly is not None:
             self._batch = (batch, batch_idx)
+        self._stepped = False
         self.lens.arm(trainer.global_step, "train")
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
         if self.lens is None:
             return
-        if self.lens.capturing:
+        if self.lens.capturing and not self._manual:
             self.lens.end_micro_batch()
         if self._batch is not None:
             batch, batch_idx = self._batch
@@ -207,9 +223,11 @@ class LensCallback(Callback):
             self._skip_step |= report is not None and self.lens.on_anomaly == "skip"
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        # gradients are final here: accumulated, all-reduced and unscaled
-        if self.lens is not None:
-            self.lens.flush()
+        # Gradients here are accumulated, all-reduced and unscaled, and Lightning clips them
+        # next; under manual optimization, training_step has clipped them already.
+        if self.lens is not None and not self._manual:
+            self.lens.before_clipping(p for group in optimizer.param_groups for p in group["params"])
+        self._stepped = True
         if self._skip_step:  # torch optimizers leave parameters without a gradient alone
             for group in optimizer.param_groups:
                 for param in group["params"]:
@@ -221,7 +239,10 @@ class LensCallback(Callback):
     ) -> None:
         if self.lens is None:
             return
-        self.lens.end_micro_batch()  # a step without backward (or manual optimization)
+        self.lens.end_micro_batch()  # a step without backward, or manual optimization
+        if self._stepped or self._manual:  # the update has run: the step is complete
+            self.lens.flush()
+        self._stepped = False
         if self._schedule.when is not None:  # the only reason to read the loss: it syncs
             loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
             self.lens.previous_loss = None if loss is None else float(loss)

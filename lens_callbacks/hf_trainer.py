@@ -2,8 +2,9 @@
 
 It maps the Trainer's events onto the driver: arm when an optimizer step begins
 (``on_step_begin``), close each micro-batch of a gradient-accumulation window and arm the next
-(``on_substep_end``), write when the gradients are final (``on_pre_optimizer_step``: accumulated,
-clipped, before the update and before ``zero_grad``). The Trainer's own ops (its loss scaling,
+(``on_substep_end``), write once the update has run (``on_optimizer_step``): the driver's
+optimizer step post-hook has read the gradients the update used (accumulated, clipped,
+unscaled), before ``zero_grad``. The Trainer's own ops (its loss scaling,
 ``accelerate``'s backward, NaN checks, logging) are not layers: they are framework code
 (``lens_core.FRAMEWORK_PACKAGES``).
 """
@@ -41,8 +42,10 @@ class LensTrainerCallback(TrainerCallback):
 
     Steps are optimizer steps (``state.global_step`` when the step begins); with
     ``gradient_accumulation_steps`` the window's micro-batches form one capture. Parameter
-    gradients are recorded as the optimizer uses them: accumulated and clipped
-    (``max_grad_norm``).
+    gradients are recorded as the optimizer used them: accumulated, clipped (``max_grad_norm``)
+    and unscaled; the record's ``grad_norm_before_clip`` is the norm of the gradients the
+    backward passes left (the Trainer's logged ``grad_norm``, on one process; with several,
+    this process's gradients before their all-reduce).
 
     Args:
         layers, every_n_steps, steps, when, bins, strict, framework: as for :class:`Lens`.
@@ -132,7 +135,11 @@ class LensTrainerCallback(TrainerCallback):
             self.lens.arm(state.global_step)
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.lens is not None:  # gradients are final: accumulated and clipped
+        if self.lens is not None:  # the backward is done; clipping and the update are not layers
+            self.lens.end_micro_batch()
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.lens is not None:  # the update has run: the step is complete
             self.lens.flush()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

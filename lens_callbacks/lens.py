@@ -8,22 +8,24 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from lens_callbacks.record import CaptureRecord, build_record
+from lens_callbacks.record import CaptureRecord, UpdateGradients, build_record, used_parameters
 from lens_callbacks.schedule import Schedule
 from lens_callbacks.writers import DiskWriter, Writer
 from lens_core import AnomalyError, AnomalyReport, Capture, ModelHistory, get_rng_states, investigate
 from lens_core.capture.callers import FRAMEWORK_PACKAGES, FrameworkSpec, caller_filter
 from lens_core.capture.selection import LayerSpec, Selection
-from lens_core.summaries import Summaries, check_bins
+from lens_core.summaries import Summaries, TensorSummary, check_bins, local_shard
 
 __all__ = ["Lens"]
 
@@ -38,6 +40,141 @@ def check_anomaly_options(on_anomaly: object, check_gradients: object) -> None:
         raise ValueError("check_gradients=True needs on_anomaly='raise', 'skip' or 'continue'.")
 
 
+def _norm(grad: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of a gradient, on its device (no sync), in float32 at least; of this rank's
+    shard for a ``DTensor`` (a norm of the whole would communicate, see ``lens_core.summarize``)."""
+    local = local_shard(grad)[0].detach()
+    if local.layout != torch.strided:  # a sparse gradient (nn.Embedding(sparse=True))
+        local = local.coalesce().values()
+    wide = torch.promote_types(local.dtype, torch.float32)
+    norm: torch.Tensor = torch.linalg.vector_norm(local, dtype=wide)
+    return norm
+
+
+def _total(norms: Iterable[torch.Tensor]) -> float:
+    """The L2 norm of the concatenation of tensors whose norms are ``norms``."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for norm in norms:
+        by_device.setdefault(norm.device, []).append(norm)
+    squares = sum(float(torch.stack(group).double().square().sum()) for group in by_device.values())
+    return math.sqrt(squares)
+
+
+class _Updates:
+    """The gradients the optimizer updates of one captured step used, read as they happen.
+
+    The parameter gradients worth recording are the ones the update used: after clipping,
+    unscaling and the all-reduce, which happen between the backward and the update, wherever
+    the loop or the framework does them. So a torch optimizer step post-hook (process-wide, as
+    long as the step is pending) reads the ``.grad`` of the model's parameters each optimizer
+    holds, right after its update and before any ``zero_grad``. They are summarised there and
+    then: a later backward or ``zero_grad`` may write to them in place. Several optimizers (a
+    GAN's) each give the parameters they hold; a parameter updated twice (two optimizers
+    sharing it, or one stepping twice) keeps the gradient of its last update.
+
+    The norm before clipping comes from post-accumulate-grad hooks on the parameters: each
+    notes the norm of a gradient when a backward has added to it, so the latest note of each
+    is the gradient as the backward passes left it (accumulated, before the loop clips it).
+    An integration that knows a better moment overrides it (:meth:`note_before_clip`).
+    """
+
+    def __init__(
+        self, model: nn.Module, summaries: Summaries, scale: float, wanted: Callable[[], set[str] | None]
+    ) -> None:
+        self.names = {id(param): name for name, param in model.named_parameters()}
+        self.params = [param for param in model.parameters() if param.requires_grad]
+        self.summaries_of = summaries
+        self.scale = scale  # of a grad scaler: the backward's gradients are that many times too large
+        self.wanted = wanted  # the parameters worth summarising (None: all)
+        self.summaries: dict[str, TensorSummary] = {}
+        """Parameter name -> summary of ``.grad`` at its (last) update."""
+        self.skipped: dict[str, str] = {}
+        self.norms: dict[str, torch.Tensor] = {}
+        """Parameter name -> norm of ``.grad`` at its (last) update."""
+        self.accumulated: dict[str, torch.Tensor] = {}
+        """Parameter name -> norm of ``.grad`` after the last backward that added to it."""
+        self.before_clip: float | None = None  # overrides what accumulated says
+        self.updates = 0
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def install(self) -> None:
+        try:
+            self._handles.append(register_optimizer_step_post_hook(self._updated))
+            for param in self.params:
+                handle = param.register_post_accumulate_grad_hook(self._accumulated)  # type: ignore[no-untyped-call]
+                self._handles.append(handle)
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
+
+    def _accumulated(self, param: torch.Tensor) -> None:
+        name = self.names.get(id(param))
+        if name is not None and param.grad is not None:
+            with torch._C.DisableTorchFunction(), torch.no_grad():
+                self.accumulated[name] = _norm(param.grad)
+
+    def _updated(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        try:
+            self._read(optimizer)
+        except Exception as error:  # the update has happened: training must not fail on our account
+            warnings.warn(
+                f"lens_callbacks: the gradients of an optimizer step could not be read "
+                f"({type(error).__name__}: {error}); training goes on.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    def _read(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = {
+            name: param.grad for group in optimizer.param_groups for param in group["params"]
+            if (name := self.names.get(id(param))) is not None and param.grad is not None
+        }
+        if not grads:  # another model's optimizer
+            return
+        self.updates += 1
+        wanted = self.wanted()
+        summaries = self.summaries_of
+        summaries.clear()
+        with torch._C.DisableTorchFunction(), torch.no_grad():
+            for name, grad in grads.items():
+                self.norms[name] = _norm(grad)
+                if wanted is None or name in wanted:
+                    summaries.add(name, grad)
+            found = summaries.result()  # now: the gradients may change after the update
+        for name in grads:
+            self.summaries.pop(name, None)
+            self.skipped.pop(name, None)
+        self.summaries.update((cast(str, name), summary) for name, summary in found.items())
+        self.skipped.update((cast(str, name), why) for name, why in summaries.skipped.items())
+        summaries.clear()
+
+    def in_model_order(self, by_name: dict[str, TensorSummary]) -> dict[str, TensorSummary]:
+        return {name: by_name[name] for name in self.names.values() if name in by_name}
+
+    def note_before_clip(self, params: Iterable[torch.Tensor]) -> None:
+        """Notes the norm of the gradients of ``params`` now, as the norm before clipping."""
+        with torch._C.DisableTorchFunction(), torch.no_grad():
+            norms = [_norm(p.grad) for p in params if id(p) in self.names and p.grad is not None]
+        self.before_clip = _total(norms) if norms else None
+
+    def norm(self) -> float | None:
+        """Total norm of the gradients the updates used (None: no update)."""
+        return _total(self.norms.values()) if self.norms else None
+
+    def norm_before_clip(self) -> float | None:
+        """Total norm of the same gradients before clipping (None: not known)."""
+        if self.before_clip is not None:
+            return self.before_clip
+        if not self.norms or not all(name in self.accumulated for name in self.norms):
+            return None  # no update, or a gradient no backward made (set by hand, FSDP's shards)
+        return _total(self.accumulated[name] for name in self.norms) / self.scale
+
+
 @dataclass
 class _Pending:
     """The micro-batches captured so far for one step."""
@@ -45,12 +182,16 @@ class _Pending:
     step: int
     stage: str
     summaries: Summaries | None  # made as the capture runs (see Lens.summarize_as_made)
+    updates: _Updates | None = None  # training steps only
     histories: list[ModelHistory] = field(default_factory=list)
 
 
 def _release(pending: _Pending) -> None:
     """Lets go of a step once written (or dropped): later backward passes reach none of its
-    layers, and its summaries hold no tensor until the next captured step."""
+    layers, its summaries hold no tensor until the next captured step, and the hooks reading
+    its updates are gone."""
+    if pending.updates is not None:
+        pending.updates.remove()
     for history in pending.histories:
         for layer in history.layer_list:
             if layer.gradient_slot is not None:
@@ -60,21 +201,31 @@ def _release(pending: _Pending) -> None:
 
 
 class Lens:
-    """Captures the real forward, loss and backward of chosen steps, for a hand-written loop::
+    """Captures the real forward, loss, backward and update of chosen steps, for a hand-written loop::
 
         lens = Lens(model, layers="conv", every_n_steps=100, log_dir="runs/lens")
         for step, (x, y) in enumerate(loader):
             with lens.step(step):
                 loss = criterion(model(x), y)
                 loss.backward()
-            optimizer.step()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
             optimizer.zero_grad()
         lens.close()
 
-    Put the backward inside the block: gradients of the captured outputs, and the parameter
-    gradients the optimizer will use, are read when the block ends. With gradient accumulation
-    over k micro-batches, enter ``lens.step(step)`` once per micro-batch with the same step and
-    pass ``accumulate_grad_batches=k``: the k micro-batches form one capture.
+    The block is the training step: ops are recorded from its start to its end, the gradients
+    of the recorded outputs as backward passes reach them, and, at each optimizer step inside
+    it, the ``.grad`` of the model's parameters that optimizer holds, as that update used them
+    (after clipping and unscaling). Any loop drives it so (Lightning Fabric's
+    ``fabric.backward``, ``accelerate``'s ``accelerator.backward`` and clipping, several
+    optimizers: a GAN's generator and discriminator phases). A block that runs no optimizer
+    step (the optimizer steps after it) records the ``.grad`` the block ends with: what the
+    optimizer will use unless the loop clips or scales between the two. The record also holds
+    the total gradient norm of the update, the norm before clipping and their ratio
+    (:class:`CaptureRecord`). With gradient accumulation over k micro-batches, enter
+    ``lens.step(step)`` once per micro-batch with the same step and pass
+    ``accumulate_grad_batches=k``: the k micro-batches form one capture (the optimizer step in
+    the last block).
 
     Args:
         model: the model being trained.
@@ -168,6 +319,7 @@ class Lens:
         self._eager: contextlib.AbstractContextManager[Any] | None = None
         self._step: int | None = None  # the step running now, and the RNG at its start
         self._step_rng: dict[str, torch.Tensor] | None = None
+        self._parameter_summaries: Summaries | None = None
 
     # -- the plain-loop interface ---------------------------------------------------------------
 
@@ -180,12 +332,12 @@ class Lens:
             return
         try:
             yield self
-        except BaseException:
+            self.end_micro_batch()
+            if self._pending is not None and len(self._pending.histories) >= self.accumulate_grad_batches:
+                self.flush()
+        except BaseException:  # also a selection that matched nothing, or a strict writer's error
             self.abort()
             raise
-        self.end_micro_batch()
-        if self._pending is not None and len(self._pending.histories) >= self.accumulate_grad_batches:
-            self.flush()
 
     def close(self) -> None:
         """Writes what is pending and closes the writers."""
@@ -266,7 +418,7 @@ class Lens:
         if pending is None and not self.due(step, stage):
             return False
         if self._pending is None:
-            self._pending = _Pending(step, stage, self._streamed_summaries())
+            self._pending = self._new_pending(step, stage)
         self._eager = torch.compiler.set_stance("force_eager")  # compiled modules run eagerly
         self._eager.__enter__()
         try:
@@ -280,6 +432,34 @@ class Lens:
             self._leave_eager()
             raise
         return True
+
+    def _new_pending(self, step: int, stage: str) -> _Pending:
+        pending = _Pending(step, stage, self._streamed_summaries())
+        if stage == "train":
+            if self._parameter_summaries is None:
+                self._parameter_summaries = Summaries(self.bins)
+            scale = 1.0 if self.grad_scaler is None else float(self.grad_scaler.get_scale())
+            pending.updates = _Updates(self.model, self._parameter_summaries, scale, self._wanted_parameters)
+            pending.updates.install()
+        return pending
+
+    def _wanted_parameters(self) -> set[str] | None:
+        """The parameters whose gradients the record keeps: those of the selected layers, known
+        once the step's recording has stopped (None before: all, sorted out when written)."""
+        if self._capture is not None or self._pending is None:
+            return None
+        return used_parameters(self._pending.histories)
+
+    def before_clipping(self, params: Iterable[torch.Tensor]) -> None:
+        """Notes the gradient norm of ``params`` now as the step's norm before clipping.
+
+        Call it between the last backward of a captured step and the clipping when the
+        backward's own end is not that moment: gradients all-reduced (DDP) or unscaled (AMP)
+        after it. ``LensCallback`` calls it in ``on_before_optimizer_step``. Otherwise the norm
+        is that of the gradients as the step's backward passes left them.
+        """
+        if self._pending is not None and self._pending.updates is not None:
+            self._pending.updates.note_before_clip(params)
 
     def _streamed_summaries(self) -> Summaries | None:
         """The summaries a capture makes as it runs, if it does; one object for every step, so
@@ -312,9 +492,18 @@ class Lens:
         if pending is None or not pending.histories:
             return
         try:
+            updates = pending.updates
+            if updates is not None:
+                updates.remove()  # what the loop does after this is not the step's
+                if not updates.updates:  # the optimizer steps after the block: .grad as it is now
+                    updates = None
             record = build_record(
                 pending.step, pending.stage, self.rank, pending.histories, self.model, self.bins,
                 pending.summaries,
+                updates=None if updates is None else UpdateGradients(
+                    updates.in_model_order(updates.summaries), updates.skipped, updates.norm(),
+                    updates.norm_before_clip(),
+                ),
             )
             if pending.stage == "train":
                 self.last_step = pending.step

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -13,7 +13,7 @@ from torch import nn
 from lens_core import Layer, ModelHistory
 from lens_core.summaries import Summaries, TensorSummary, local_shard, storage_intact
 
-__all__ = ["CaptureRecord", "build_record"]
+__all__ = ["CaptureRecord", "UpdateGradients", "build_record", "used_parameters"]
 
 
 @dataclass
@@ -35,7 +35,26 @@ class CaptureRecord:
     gradients: dict[str, TensorSummary] = field(default_factory=dict)
     """Label -> statistics of the gradient of the loss with respect to that output."""
     parameter_gradients: dict[str, TensorSummary] = field(default_factory=dict)
-    """Parameter name -> statistics of its ``.grad`` as the optimizer sees it."""
+    """Parameter name -> statistics of its ``.grad`` as the optimizer update used it: read
+    right after each optimizer step of the step (after clipping, unscaling and the all-reduce;
+    before ``zero_grad``), for the parameters of the selected layers. Several optimizers (a
+    GAN's) each give the parameters they hold, at their own step; a parameter updated twice
+    (two optimizers sharing it) keeps its last update's. Empty when no optimizer step ran."""
+    grad_norm: float | None = None
+    """Total L2 norm of the gradients the step's updates used, over every parameter of the
+    model they updated (not only those of the selected layers), each at its last update: the
+    norm after clipping. None when no optimizer step ran. For a ``DTensor``, this rank's
+    shards (as the summaries)."""
+    grad_norm_before_clip: float | None = None
+    """The same norm before clipping: in Lightning with automatic optimization, measured in
+    ``on_before_optimizer_step`` (after the all-reduce and unscaling, before Lightning clips);
+    elsewhere, that of the gradients as the step's backward passes left them (accumulated,
+    divided by the grad scaler's scale, before the loop clips; on each process, before DDP's
+    all-reduce). None when unknown."""
+    clip_coefficient: float | None = None
+    """``grad_norm / grad_norm_before_clip``: the factor clipping shrank the gradients by
+    (1.0: not clipped; with clipping by norm, the coefficient ``clip_grad_norm_`` applied).
+    None when either norm is unknown."""
     skipped: dict[tuple[str, str], str] = field(default_factory=dict)
     """``(kind, name)`` -> why that tensor has no summary above (kind ``"activation"``,
     ``"gradient"`` or ``"parameter"``): its storage was freed or shrunk before it was read, as
@@ -88,6 +107,24 @@ def _add_pooled(
         summaries.add((kind, label), values, shard=shards[0][1])
 
 
+def used_parameters(histories: Sequence[ModelHistory]) -> set[str]:
+    """Names of the parameters the selected layers used."""
+    return {p.name for layer in _selected(histories) for p in layer.params}
+
+
+@dataclass(frozen=True)
+class UpdateGradients:
+    """What the optimizer updates of a step used, read at each update (see ``Lens``)."""
+
+    summaries: Mapping[str, TensorSummary]
+    """Parameter name -> summary of its ``.grad`` at its last update, in the model's order (all
+    parameters, or those of the selected layers: :func:`build_record` keeps the latter)."""
+    skipped: Mapping[str, str]
+    """Parameter name -> why its gradient could not be read (storage freed)."""
+    grad_norm: float | None
+    grad_norm_before_clip: float | None
+
+
 def build_record(
     step: int,
     stage: str,
@@ -96,23 +133,37 @@ def build_record(
     model: nn.Module | None,
     bins: int,
     streamed: Summaries | None = None,
+    *,
+    updates: UpdateGradients | None = None,
 ) -> CaptureRecord:
     """Summarises the captured micro-batches (one device-to-host transfer per device).
 
     ``streamed``: the summaries the capture of the (one) micro-batch made as it ran, keyed
     ``(kind, layer index)`` (``lens_core.Capture``'s ``summaries``); what it kept whole is added
     to them here, so that the histogram edges of all are worked out in one go.
+
+    Parameter gradients: those of ``updates`` (read at the optimizer steps) when given, else
+    the ``.grad`` of ``model``'s parameters as they are now (None: none).
     """
     summaries = streamed if streamed is not None else Summaries(bins)
     skipped: dict[tuple[str, str], str] = {}
     _add_pooled(summaries, histories, "activation", skipped)
     _add_pooled(summaries, histories, "gradient", skipped)
-    if model is not None:
-        used = {p.name for layer in _selected(histories) for p in layer.params}
+    used = used_parameters(histories)
+    if model is not None and updates is None:
         for name, param in model.named_parameters():
             if name in used and param.grad is not None:
                 summaries.add(("parameter", name), param.grad)
     record = CaptureRecord(step=step, stage=stage, rank=rank, histories=histories)
+    if updates is not None:
+        record.grad_norm, before = updates.grad_norm, updates.grad_norm_before_clip
+        record.grad_norm_before_clip = before
+        if record.grad_norm is not None and before is not None:
+            record.clip_coefficient = record.grad_norm / before if before > 0 else 1.0
+        record.parameter_gradients.update(
+            (name, summary) for name, summary in updates.summaries.items() if name in used
+        )
+        skipped.update((("parameter", name), why) for name, why in updates.skipped.items() if name in used)
     kinds = {"activation": record.activations, "gradient": record.gradients,
              "parameter": record.parameter_gradients}
 

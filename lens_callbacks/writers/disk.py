@@ -50,6 +50,11 @@ class DiskWriter:
             "activations": {k: v.to_dict() for k, v in record.activations.items()},
             "gradients": {k: v.to_dict() for k, v in record.gradients.items()},
             "parameter_gradients": {k: v.to_dict() for k, v in record.parameter_gradients.items()},
+            # the update's gradient norm, after and before clipping (None: no update was seen)
+            "grad_norm": record.grad_norm,
+            "grad_norm_before_clip": record.grad_norm_before_clip,
+            "clip_coefficient": record.clip_coefficient,
+            "skipped": [[kind, name, why] for (kind, name), why in record.skipped.items()],
         }
         temporary = folder / f".{STEP_SUMMARIES}.tmp"
         temporary.write_text(json.dumps(summaries))

@@ -12,17 +12,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.nn.modules import module as module_globals
+from torch.optim import optimizer as optimizer_globals
 
 import lens_core as lc
 from lens_callbacks import Lens
 from tests.callbacks.helpers import ListWriter, SmallCNN, SummariesOnly, batches
 
 
-def nothing_installed() -> bool:
+def nothing_installed(*models: torch.nn.Module) -> bool:
+    """No mode, no process-wide hook, and no hook on the parameters of ``models``."""
     return (
         torch._C._len_torch_function_stack() == 0
         and not module_globals._global_forward_hooks
         and not module_globals._global_forward_pre_hooks
+        and not optimizer_globals._global_optimizer_post_hooks
+        and not optimizer_globals._global_optimizer_pre_hooks
+        and not any(getattr(p, "_post_accumulate_grad_hooks", None) for m in models for p in m.parameters())
     )
 
 
@@ -35,11 +40,12 @@ def train(model: SmallCNN, lens: Lens | None, steps: int = 5, accumulate: int = 
         for micro in range(accumulate):
             x, y = data[step * accumulate + micro]
             context = lens.step(step) if lens is not None else torch.enable_grad()
-            with context:
+            with context:  # the whole step, its update included: the gradients the update used
                 loss = F.cross_entropy(model(x), y) / accumulate
                 loss.backward()
+                if micro == accumulate - 1:
+                    optimizer.step()
             losses.append(loss.item())
-        optimizer.step()
         optimizer.zero_grad()
     if lens is not None:
         lens.close()
@@ -221,7 +227,7 @@ def test_summaries_made_during_the_step_equal_those_made_after_it() -> None:
         for step, (x, y) in enumerate(batches(3, size=64)):  # conv outputs of 16384 values
             with lens.step(step):
                 F.cross_entropy(model(x), y).backward()
-            optimizer.step()
+                optimizer.step()
             optimizer.zero_grad()
         lens.close()
         seen[as_made] = writer.seen
