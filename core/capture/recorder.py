@@ -23,6 +23,7 @@ from time import perf_counter
 from types import CodeType, FrameType
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.nn.modules.module import (
     register_module_forward_hook,
@@ -166,10 +167,23 @@ class Recorder(TorchFunctionMode):
             raise
 
     def uninstall(self) -> None:
+        """Removes the mode and the hooks; modes a user entered above ours stay where they were."""
         try:
-            self.__exit__(None, None, None)  # type: ignore[no-untyped-call]
+            above = []
+            while torch._C._len_torch_function_stack() > 0:
+                mode = torch._C._pop_torch_function_stack()
+                if mode is self:
+                    break
+                above.append(mode)
+            for mode in reversed(above):
+                torch._C._push_on_torch_function_stack(mode)
         finally:
             self._remove_hooks()
+
+    @property
+    def thread(self) -> int:
+        """The thread that installed the recorder: the one whose ops it sees."""
+        return self._thread
 
     def _remove_hooks(self) -> None:
         for handle in self._handles:

@@ -197,13 +197,18 @@ class Capture:
         """
         global _active
         recorder = self.recorder
-        try:
-            recorder.uninstall()
-        finally:
-            self._recorder = None
-            _active = None
-        elapsed = perf_counter() - self._started_at
-        try:
+        if threading.get_ident() != recorder.thread:  # its mode is on that thread's stack
+            raise CaptureError(
+                "Capture.stop() was called from another thread than start(): call it from the "
+                "thread that started the capture (the one whose ops it records)."
+            )
+        try:  # the collector runs again whatever fails here
+            try:
+                recorder.uninstall()
+            finally:
+                self._recorder = None
+                _active = None
+            elapsed = perf_counter() - self._started_at
             self._history = _build_history(self, recorder, elapsed, strict)
         finally:
             self._resume_gc()
