@@ -24,7 +24,7 @@ from types import CodeType, FrameType
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, is_grad_enabled, nn
 from torch.nn.modules.module import (
     register_module_forward_hook,
     register_module_forward_pre_hook,
@@ -81,6 +81,19 @@ def _stream_gradient(summaries: Summaries, key: tuple[str, int], grad: Tensor) -
         return True
     summaries.add(key, grad)
     return True
+
+
+def _in_reentrant_checkpoint(frame: FrameType | None) -> bool:
+    """Whether ``frame`` runs inside ``torch.utils.checkpoint``'s reentrant forward."""
+    checkpoint = sys.modules.get("torch.utils.checkpoint")
+    forward = getattr(getattr(checkpoint, "CheckpointFunction", None), "forward", None)
+    code = getattr(forward, "__code__", None)
+    depth = 0
+    while frame is not None and code is not None and depth < _MAX_FRAMES:
+        if frame.f_code is code:
+            return True
+        frame, depth = frame.f_back, depth + 1
+    return False
 
 
 def _storage_key(tensor: Tensor) -> int | None:
@@ -144,6 +157,9 @@ class Recorder(TorchFunctionMode):
         self._hooked: set[int] = set()  # ids of the modules left by _on_hooked_module_exit
         # parameters swapped in during the pass (sharding), by id: (weak reference, what it is)
         self._late_params: dict[int, tuple[weakref.ref[Tensor], ParamInfo]] = {}
+        self.checkpointed: dict[int, Layer] = {}
+        """Saved layers run inside a reentrant ``torch.utils.checkpoint``, by index, which get no
+        gradient: autograd recomputes them in the backward, out of the capture's sight."""
 
     # -- installation -----------------------------------------------------------------------
 
@@ -349,6 +365,8 @@ class Recorder(TorchFunctionMode):
         producer = self._producers.get(tid)
         if producer is not None and producer[0]() is tensor:
             parents.append(producer[1].index)
+            if self.checkpointed and tensor.requires_grad:
+                self._grad_after_checkpoint(producer[1], tensor)
         elif buffer is None:
             swapped = self._swapped_param(tensor)
             if swapped is not None:
@@ -358,6 +376,12 @@ class Recorder(TorchFunctionMode):
         else:
             return None
         return parents[-1]
+
+    def _grad_after_checkpoint(self, entry: Layer, tensor: Tensor) -> None:
+        """The output of a reentrant checkpoint, made under no_grad, is given its ``grad_fn`` when
+        the checkpoint returns: it gets its gradient slot when a later op reads it."""
+        if self.checkpointed.pop(entry.index, None) is not None:
+            self._attach_gradient(entry, tensor, self._summaries if entry.summarized else None)
 
     def _swapped_param(self, tensor: Tensor) -> ParamInfo | None:
         """The parameter ``tensor`` stands for, if a module on the stack holds it under a name.
@@ -453,11 +477,11 @@ class Recorder(TorchFunctionMode):
         summaries = self._summaries
         if summaries is not None and not summaries.streams(tensor):
             summaries = None  # kept: summarised from tensor_contents after the step
-        if self._gradients and tensor.requires_grad:
-            gradient_key = ("gradient", entry.index)
-            sink = None if summaries is None else partial(_stream_gradient, summaries, gradient_key)
-            entry.gradient_slot = GradientSlot(self._unscale, sink=sink)
-            entry.gradient_slot.attach(tensor)
+        if self._gradients:
+            if tensor.requires_grad:
+                self._attach_gradient(entry, tensor, summaries)
+            elif not is_grad_enabled() and _in_reentrant_checkpoint(sys._getframe()):
+                self.checkpointed[entry.index] = entry
         if summaries is not None:  # summarised now: nothing is kept, so nothing to copy before writes
             summaries.add(("activation", entry.index), tensor)
             entry.summarized = True
@@ -468,6 +492,12 @@ class Recorder(TorchFunctionMode):
             self._saved_by_storage.setdefault(key, []).append(entry)
             if not tensor.is_inference():  # inference tensors keep no version counter
                 self.saved_versions[entry.index] = tensor._version
+
+    def _attach_gradient(self, entry: Layer, tensor: Tensor, summaries: Summaries | None) -> None:
+        gradient_key = ("gradient", entry.index)
+        sink = None if summaries is None else partial(_stream_gradient, summaries, gradient_key)
+        entry.gradient_slot = GradientSlot(self._unscale, sink=sink)
+        entry.gradient_slot.attach(tensor)
 
     # -- inputs, outputs and modules ---------------------------------------------------------
 

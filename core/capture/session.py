@@ -259,6 +259,16 @@ def _build_history(cap: Capture, recorder: Recorder, elapsed: float, strict: boo
     for entry, labels in zip(entries, children, strict=True):
         entry.children = tuple(labels)
 
+    if recorder.checkpointed:
+        labels = [entry.label for entry in recorder.checkpointed.values()]
+        warnings.warn(
+            f"lens_core: {len(labels)} layers ran inside a reentrant torch.utils.checkpoint "
+            f"({', '.join(labels[:8])}{' ...' if len(labels) > 8 else ''}); autograd recomputes "
+            "them in the backward, out of the capture's sight, so they have no gradient (the "
+            "checkpoint's output has). checkpoint(..., use_reentrant=False) records them all.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     selection = cap.selection
     for position, version in recorder.saved_versions.items():
         saved = entries[position].saved_tensor
