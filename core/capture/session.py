@@ -42,7 +42,24 @@ def _check_model(model: Any) -> nn.Module:
             f"model must be a torch.nn.Module, got {type(model).__name__}. "
             "Wrap a plain function in an nn.Module whose forward calls it."
         )
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(
+            f"model is a TorchScript module ({type(model).__name__}): its ops run inside the "
+            "TorchScript interpreter, where no capture sees them. Capture the eager module "
+            "(before torch.jit.script / torch.jit.trace)."
+        )
     return model
+
+
+def _warn_scripted(addresses: list[str]) -> None:
+    if addresses:
+        warnings.warn(
+            f"lens_core: {', '.join(addresses[:5])} {'is a' if len(addresses) == 1 else 'are'} "
+            "TorchScript module(s): their ops run where no capture sees them and appear as one "
+            "output each at most. Capture the eager modules to see inside them.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 class Capture:
@@ -124,7 +141,9 @@ class Capture:
             )
         self.summaries = summaries
         self.argument = _argument  # what the user called `layers`, for error messages
-        self.selection = Selection(layers, (name for name, _ in model.named_modules()), _argument)
+        modules = list(model.named_modules())
+        _warn_scripted([name for name, module in modules if isinstance(module, torch.jit.ScriptModule)])
+        self.selection = Selection(layers, (name for name, _ in modules), _argument)
         self._recorder: Recorder | None = None
         self._history: ModelHistory | None = None
         self._rng_states: dict[str, Any] = {}

@@ -1,4 +1,4 @@
-"""Teardown in every order and thread: our mode leaves the stack, the collector runs again."""
+"""Teardown in every order and thread, and models a capture cannot see into (TorchScript)."""
 
 from __future__ import annotations
 
@@ -74,3 +74,14 @@ def test_the_collector_runs_again_when_the_history_cannot_be_built() -> None:
         model(torch.randn(2, 3))
     assert gc.isenabled() == gc_was
     assert torch._C._len_torch_function_stack() == 0
+
+
+def test_torchscript_models_are_refused_and_scripted_parts_named() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    with pytest.raises(TypeError, match=r"TorchScript module .*Capture the eager module"):
+        lc.log_forward_pass(torch.jit.script(model), torch.randn(2, 3))
+    with pytest.raises(TypeError, match="TorchScript"):
+        lc.capture(torch.jit.trace(model, torch.randn(2, 3)))
+    mixed = nn.Sequential(torch.jit.script(nn.Linear(3, 3)), nn.ReLU())
+    with pytest.warns(RuntimeWarning, match="0 is a TorchScript module"):
+        lc.log_forward_pass(mixed, torch.randn(2, 3))
