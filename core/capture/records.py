@@ -98,13 +98,32 @@ class FrameInfo:
     call_linenum: int
     function: str
     context_lines: int = 5
+    stored_context: tuple[str, ...] | None = field(default=None, compare=False, repr=False)
+    """The lines of :attr:`code_context` as a saved capture stored them; None in a live capture.
+
+    A loaded frame has them (empty when the capture kept none) and never reads ``call_fname``:
+    a capture from elsewhere may name any file there, ``/etc/passwd`` or a FIFO.
+    """
 
     @property
     def code_context(self) -> list[str]:
-        """Source lines around the call, read from disk only when asked for."""
+        """Source lines around the call: ``context_lines`` before and after it.
+
+        A live capture reads them from ``call_fname`` when asked for; a loaded one has the lines
+        stored at save time and reads no file.
+        """
+        if self.stored_context is not None:
+            return list(self.stored_context)
         first = max(1, self.call_linenum - self.context_lines)
         last = self.call_linenum + self.context_lines
         return [linecache.getline(self.call_fname, n) for n in range(first, last + 1)]
+
+    @property
+    def code_line(self) -> str:
+        """The line of the call itself (empty if its source is unknown)."""
+        lines = self.code_context
+        position = self.call_linenum - max(1, self.call_linenum - self.context_lines)
+        return lines[position] if 0 <= position < len(lines) else ""
 
 
 class StackNode:

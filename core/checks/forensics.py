@@ -138,7 +138,8 @@ def explain_gradients(
     broken = next((layer for layer in reversed(history.layer_list) if _nonfinite(layer.gradient)), None)
     if broken is None or broken.gradient is None:
         return None
-    consumers = [history[label] for label in broken.children if not _nonfinite(history[label].gradient)]
+    layers = {layer.label: layer for layer in history.layer_list}
+    consumers = [layers[label] for label in broken.children if not _nonfinite(layers[label].gradient)]
     culprit = consumers[-1] if consumers else broken
     return _report(history, culprit, broken.gradient, model, step, broken.label)
 
@@ -154,11 +155,13 @@ def _report(
     """The report on ``layer``, with the counts of ``bad`` and statistics of what it read."""
     values = {"bad/": bad.detach()}
     shapes = {"bad/": tuple(bad.shape)}
+    # By label, not history[label]: a label may also be another layer's module address or short name.
+    layers = {layer.label: layer for layer in history.layer_list}
     for parent in layer.parents:
-        saved = history[parent].tensor_contents
+        saved = layers[parent].tensor_contents
         if saved is not None and not saved.is_complex():
             values[f"in/{parent}"] = saved.detach()
-            shapes[f"in/{parent}"] = history[parent].shape
+            shapes[f"in/{parent}"] = layers[parent].shape
     if gradient_of is not None and layer.gradient is not None:  # what its backward started from
         values[f"in/grad of {layer.label}"] = layer.gradient
         shapes[f"in/grad of {layer.label}"] = layer.shape
@@ -177,7 +180,7 @@ def _report(
         module=layer.module,
         file=frame.call_fname if frame else "?",
         line=frame.call_linenum if frame else 0,
-        code=frame.code_context[frame.context_lines] if frame else "",
+        code=frame.code_line if frame else "",
         nan_count=stats["bad/"].nan_count,
         inf_count=stats["bad/"].inf_count,
         inputs=tuple(v for k, v in stats.items() if k.startswith("in/")),

@@ -243,7 +243,7 @@ class _Builder:
         self.history = history
         self.rolled = vis_opt == "rolled"
         self.depth = depth
-        self.layers = {layer.label: layer for layer in history.layer_list}
+        self.layers = _layers_by_label(history)
         # Ops run inside each module call, and the most of any call of a rolled module path.
         self.ops_per_call: dict[str, int] = {}
         for layer in history.layer_list:
@@ -440,6 +440,30 @@ class _Builder:
         )
 
 
+def _layers_by_label(history: ModelHistory) -> dict[str, Layer]:
+    """Each layer by its label, once checked that labels are unique and parents are layers.
+
+    A capture makes them so and ``lens_core.load`` refuses a saved history that is not; a
+    history changed by hand may not be, and its graph would silently lose nodes or edges.
+    """
+    layers: dict[str, Layer] = {}
+    for layer in history.layer_list:
+        if layer.label in layers:
+            raise ValueError(
+                f"build_graph: layers {layers[layer.label].index} and {layer.index} of the history are both "
+                f"labelled {layer.label!r}; a graph needs one label per layer pass, as a capture makes them."
+            )
+        layers[layer.label] = layer
+    for layer in history.layer_list:
+        unknown = next((label for label in layer.parents if label not in layers), None)
+        if unknown is not None:
+            raise ValueError(
+                f"build_graph: layer {layer.label!r} names the parent {unknown!r}, which is the label of no "
+                "layer of the history (history.all_layer_labels lists them); capture the history again."
+            )
+    return layers
+
+
 def _has_gradient(layer: Layer) -> bool:
     """Whether a gradient reached the layer, without loading one stored on disk."""
     slot = layer.gradient_slot
@@ -484,6 +508,7 @@ def build_graph(
             level is one node (top-level modules are level 1).
 
     Raises:
-        ValueError: an option has a value it cannot take.
+        ValueError: an option has a value it cannot take, or the history's labels are not unique
+            or name parents it does not hold (a history changed by hand).
     """
     return _Builder(history, check_vis_opt(vis_opt), check_nesting_depth(vis_nesting_depth)).build()

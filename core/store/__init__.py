@@ -2,14 +2,20 @@
 
 A saved capture is a folder of three files::
 
-    history.json          every plain-data field of the history and of each layer
+    history.json          every plain-data field of the history and of each layer, the source
+                          lines around each distinct call-stack frame (``code_context``) and
+                          the SHA-256 of each stored tensor's bytes (``tensor_sha256``)
     summaries.json        TensorSummary.to_dict() of each summarised tensor (may be empty)
     tensors.safetensors   saved activations (key: layer label) and gradients (``grad/<label>``)
 
 JSON and safetensors hold data only, so loading a capture from someone else runs no code of
-theirs. ``save`` writes into a hidden sibling folder and renames it into place, so ``path``
-either holds a complete capture or nothing; ``load`` reads tensors lazily, each one the first
-time its ``tensor_contents`` or ``gradient`` is read.
+theirs; and ``load`` treats every file as untrusted (the threat model in the README): regular
+files of the folder only, never a link, sizes and nesting checked before parsing, the tensor
+file's header checked against the file and ``history.json`` before any tensor is read, each
+tensor against its digest when read, any problem a :class:`CaptureFormatError`. ``save``
+writes into a hidden sibling folder and renames it into place, so ``path`` either holds a
+complete capture or nothing; ``load`` reads tensors lazily, each one the first time its
+``tensor_contents`` or ``gradient`` is read.
 
 Training writes one capture per micro-batch into a step folder (``step_000100/micro_batch_0/``,
 see :mod:`lens_core.store.folders`); ``load`` takes those too: a step of one micro-batch loads

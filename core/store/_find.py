@@ -8,7 +8,6 @@ that holds several captures, or none, is called that instead.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from lens_core.store._layout import (
@@ -28,6 +27,7 @@ from lens_core.store.folders import (
     micro_batch_folders,
     micro_batch_index,
     micro_batch_name,
+    read_step_summaries,
     step_folders,
 )
 
@@ -67,6 +67,14 @@ def find_capture(path: Path, micro_batch: int | None, reader: str) -> Path:
             )
         return path
     batches = micro_batch_folders(path)
+    linked = sorted(name for name in names
+                    if micro_batch_index(name) is not None and (path / name).is_symlink())
+    if linked:
+        raise CaptureFormatError(
+            f"{path / linked[0]} is a symbolic link, and loading follows none: it reads a capture only "
+            "from the folders and regular files inside the path it is given, so that a capture cannot "
+            "make it read anything else. Replace the link by a copy of the folder, if you trust it."
+        )
     pending = sorted(filter(is_unfinished_micro_batch, names))
     if batches or pending:
         return _micro_batch(path, names, batches, pending, micro_batch, reader)
@@ -156,15 +164,16 @@ def _run_folder(run: Path, steps: list[StepFolder], reader: str) -> SeveralCaptu
 def _holds_step_summaries(folder: Path) -> bool:
     """Whether ``summaries.json`` there is a step's (pooled, with its step) and not a capture's."""
     try:
-        document = json.loads((folder / STEP_SUMMARIES).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        document = read_step_summaries(folder)
+    except CaptureFormatError:
         return False
-    return isinstance(document, dict) and "step" in document and "activations" in document
+    return document is not None and "step" in document and "activations" in document
 
 
 def _run_hint(path: Path) -> str:
     """Points to a run folder one level down (a Lightning run keeps its captures in ``lens/``)."""
-    below = sorted(child for child in path.iterdir() if child.is_dir() and step_folders(child))
+    below = sorted(child for child in path.iterdir()
+                   if not child.is_symlink() and child.is_dir() and step_folders(child))
     if not below:
         return ""
     return (f" Its subfolder {below[0]} is a run folder: lens_core.store.step_folders({str(below[0])!r}) "

@@ -13,6 +13,22 @@ from lens_core.errors import LensError
 FORMAT_VERSION = 1
 """Layout version of saved captures; ``load`` reads exactly this one."""
 
+# Limits of what loading reads before judging a file, so that a hostile capture cannot make it
+# read or allocate without end (the threat model in the README). Real captures are far below:
+# a 177-layer ResNet-50 history is 0.4 MB of JSON.
+MAX_JSON_BYTES = 256 * 2**20
+"""Largest history.json or summaries.json loading reads (a step's summaries.json too)."""
+MAX_JSON_VALUES = 32_000_000
+"""Most values (numbers, strings, lists, objects) such a file may hold: parsing takes up to about
+80 bytes of memory per value, so this bounds it to about 2.5 GB even for a file of nothing but
+``{},{},...``. A real history.json holds one value per 15 bytes (the 256 MiB limit comes first)."""
+MAX_JSON_DEPTH = 64
+"""Deepest nesting of lists and objects in those files (their own fields need 6 levels)."""
+MAX_MODULE_DEPTH = 256
+"""Most module calls a loaded layer may be nested in: the graph follows them recursively."""
+MAX_HEADER_BYTES = 100_000_000
+"""Largest header of tensors.safetensors, as the safetensors library itself allows."""
+
 MAGIC = "lens-callbacks capture"
 HISTORY = "history.json"
 SUMMARIES = "summaries.json"

@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from lens_core.capture.history import ModelHistory
-from lens_core.capture.records import Layer
+from lens_core.capture.records import FrameInfo, Layer
+from lens_core.store._files import nested_deeper
 from lens_core.store._layout import (
     FILES,
     FORMAT_VERSION,
     GRAD_PREFIX,
     HISTORY,
     MAGIC,
+    MAX_JSON_DEPTH,
     SUMMARIES,
     TENSORS,
     library_version,
@@ -56,6 +59,7 @@ def save(
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is False, or it is not a capture.
         TypeError: an argument has the wrong type, or ``extra`` is not JSON-serialisable.
+        ValueError: ``extra`` nests deeper than loading reads (``MAX_JSON_DEPTH``).
         ImportError: tensors are to be stored and safetensors is not installed.
     """
     if not isinstance(history, ModelHistory):
@@ -67,8 +71,9 @@ def save(
     summaries_doc = _summaries_document(summaries)
     # Ties the tensor file to this history: a file from another capture is detected on load.
     capture_id = uuid.uuid4().hex
-    document = _history_document(history, tensors, extra, capture_id)
+    _check_extra(extra)
     arrays = _host_tensors(history) if tensors else {}
+    document = _history_document(history, tensors, extra, capture_id, _digests(arrays))
     write_tensors = safetensors_module().torch.save_file if arrays else None
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
@@ -169,18 +174,29 @@ def _summaries_document(summaries: Mapping[str, TensorSummary] | None) -> dict[s
     return document
 
 
-def _history_document(
-    history: ModelHistory, tensors: bool, extra: Mapping[str, Any] | None, capture_id: str
-) -> dict[str, Any]:
+def _check_extra(extra: Mapping[str, Any] | None) -> None:
     if extra is not None and not isinstance(extra, Mapping):
         raise TypeError(f"extra must be a dict of JSON-serialisable values, got {type(extra).__name__}.")
     extra_doc = dict(extra or {})
     try:
         json.dumps(extra_doc, allow_nan=False)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, RecursionError) as error:
         raise TypeError(
             f"extra must hold JSON-serialisable values (str, int, float, bool, None, list, dict): {error}."
         ) from None
+    # history.json holds it one level down, and loading refuses JSON nested deeper than its limit.
+    if nested_deeper(extra_doc, MAX_JSON_DEPTH - 1):
+        raise ValueError(
+            f"extra nests lists and dicts more than {MAX_JSON_DEPTH - 1} levels deep (itself included), "
+            "deeper than loading reads; flatten it."
+        )
+
+
+def _history_document(
+    history: ModelHistory, tensors: bool, extra: Mapping[str, Any] | None, capture_id: str,
+    digests: dict[str, str],
+) -> dict[str, Any]:
+    stacks = [layer.func_call_stack for layer in history.layer_list]
     return {
         "format": MAGIC,
         "format_version": FORMAT_VERSION,
@@ -197,12 +213,35 @@ def _history_document(
             "random_seed": history.random_seed,
             "elapsed_time": history.elapsed_time,
         },
-        "layers": [_layer_document(layer, tensors) for layer in history.layer_list],
-        "extra": extra_doc,
+        "layers": [_layer_document(layer, tensors, stack) for layer, stack in zip(
+            history.layer_list, stacks, strict=True)],
+        "code_context": _code_context(stacks),
+        "tensor_sha256": digests,
+        "extra": dict(extra or {}),
     }
 
 
-def _layer_document(layer: Layer, tensors: bool) -> dict[str, Any]:
+def _code_context(stacks: list[list[FrameInfo]]) -> list[list[Any]]:
+    """``[file, line, lines]`` of each distinct frame: a loaded capture shows these lines and
+    never reads the files its frames name (they may not exist there, or be anything)."""
+    seen: dict[tuple[str, int], list[Any]] = {}
+    for stack in stacks:
+        for frame in stack:
+            where = (frame.call_fname, frame.call_linenum)
+            if where not in seen:
+                seen[where] = [*where, frame.code_context]
+    return list(seen.values())
+
+
+def _digests(arrays: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """SHA-256 of the bytes safetensors writes for each tensor (its memory, on little-endian
+    hosts), which loading checks each tensor against when it reads it."""
+    # numpy's array is a buffer (no copy), which its type stubs do not say.
+    return {key: hashlib.sha256(cast(Any, array.reshape(-1).view(torch.uint8).numpy())).hexdigest()
+            for key, array in arrays.items()}
+
+
+def _layer_document(layer: Layer, tensors: bool, stack: list[FrameInfo]) -> dict[str, Any]:
     slot = layer.gradient_slot
     has_gradient = tensors and _gradient(layer) is not None
     return {
@@ -232,7 +271,7 @@ def _layer_document(layer: Layer, tensors: bool) -> dict[str, Any]:
         "summarized": layer.summarized,
         "output_index": layer.output_index,
         "time_elapsed": layer.time_elapsed,
-        "func_call_stack": [[f.call_fname, f.call_linenum, f.function] for f in layer.func_call_stack],
+        "func_call_stack": [[f.call_fname, f.call_linenum, f.function] for f in stack],
         "saved": tensors and _activation(layer) is not None,
         "gradient_count": slot.count if has_gradient and slot is not None else None,
     }

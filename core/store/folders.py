@@ -11,7 +11,9 @@ forward passes, so the writers of ``lens_callbacks`` save one history per micro-
     <run>/rank_1/step_000100/       the same per rank, when several ranks capture
 
 This module names those folders and lists them; the writers, ``lens_core.load`` and the ``lens``
-command all read the layout from here, so they agree on what a folder is.
+command all read the layout from here, so they agree on what a folder is. Listing follows no
+symbolic link: a run folder from elsewhere cannot make it walk outside the run (the threat model
+in the README), so a linked step or micro-batch folder is not one.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from lens_core.store._layout import SUMMARIES
+from lens_core.store._files import read_json
+from lens_core.store._layout import SUMMARIES, CaptureFormatError
 
 __all__ = [
     "STEP_SUMMARIES",
@@ -33,6 +37,7 @@ __all__ = [
     "micro_batch_index",
     "micro_batch_name",
     "rank_folder_name",
+    "read_step_summaries",
     "step_folder_name",
     "step_folders",
 ]
@@ -40,12 +45,13 @@ __all__ = [
 STEP_SUMMARIES = SUMMARIES
 """The step's pooled statistics: the same name as a capture's summaries, another content."""
 
-_MICRO_BATCH = re.compile(r"^micro_batch_(?P<index>\d+)$")
-_STEP = re.compile(r"^(?:(?P<stage>[a-z_]+)_)?step_(?P<step>\d+)$")
-_RANK = re.compile(r"^rank_(?P<rank>\d+)$")
+# Matched whole (fullmatch: "$" would let a trailing newline in) and in ASCII digits only.
+_MICRO_BATCH = re.compile(r"micro_batch_(?P<index>[0-9]{1,9})")
+_STEP = re.compile(r"(?:(?P<stage>[a-z_]+)_)?step_(?P<step>[0-9]{1,18})")
+_RANK = re.compile(r"rank_(?P<rank>[0-9]{1,9})")
 # Hidden entries of a write in progress: save's ".micro_batch_0.tmp-<hex>", a writer's
 # ".summaries.json.tmp".
-_UNFINISHED = re.compile(r"^\..+\.tmp(-.*)?$")
+_UNFINISHED = re.compile(r"\..+\.tmp(-.*)?", re.DOTALL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,18 +86,18 @@ def rank_folder_name(rank: int) -> str:
 
 def micro_batch_index(name: str) -> int | None:
     """The index in a micro-batch folder's name (``micro_batch_3`` -> 3), else None."""
-    match = _MICRO_BATCH.match(name)
+    match = _MICRO_BATCH.fullmatch(name)
     return int(match["index"]) if match else None
 
 
 def is_step_name(name: str) -> bool:
     """Whether ``name`` is the name of a step folder (``step_000100``, ``validate_step_000100``)."""
-    return bool(_STEP.match(name))
+    return bool(_STEP.fullmatch(name))
 
 
 def is_unfinished(name: str) -> bool:
     """Whether ``name`` is the hidden file or folder of a write still in progress (or cut short)."""
-    return bool(_UNFINISHED.match(name))
+    return bool(_UNFINISHED.fullmatch(name))
 
 
 def is_unfinished_micro_batch(name: str) -> bool:
@@ -108,8 +114,29 @@ def micro_batch_folders(step: str | os.PathLike[str]) -> list[Path]:
     if not root.is_dir():
         return []
     found = [(index, entry) for entry in root.iterdir()
-             if (index := micro_batch_index(entry.name)) is not None and entry.is_dir()]
+             if (index := micro_batch_index(entry.name)) is not None and _is_folder(entry)]
     return [entry for _, entry in sorted(found)]
+
+
+def read_step_summaries(step: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The step's pooled statistics (its ``summaries.json``), read as :func:`lens_core.load`
+    reads a capture's files; None when the step has none yet (it is not finished).
+
+    Raises:
+        CaptureFormatError: the file is no regular file, too large, not JSON, too deeply nested,
+            or not a JSON object.
+    """
+    root = Path(step)
+    try:
+        document = read_json(root, STEP_SUMMARIES)
+    except FileNotFoundError:
+        return None
+    if not isinstance(document, dict):
+        raise CaptureFormatError(
+            f"{root / STEP_SUMMARIES} is not the summaries of a step (a JSON object written by DiskWriter); "
+            "capture that step again."
+        )
+    return document
 
 
 def step_folders(run: str | os.PathLike[str]) -> list[StepFolder]:
@@ -128,15 +155,20 @@ def step_folders(run: str | os.PathLike[str]) -> list[StepFolder]:
         return []
     found: list[StepFolder] = []
     for child in root.iterdir():
-        if not child.is_dir():
+        if not _is_folder(child):
             continue
-        if step := _STEP.match(child.name):
+        if step := _STEP.fullmatch(child.name):
             found.append(_step_folder(child, step, None))
-        elif rank := _RANK.match(child.name):
+        elif rank := _RANK.fullmatch(child.name):
             found += [_step_folder(folder, step, int(rank["rank"])) for folder in child.iterdir()
-                      if folder.is_dir() and (step := _STEP.match(folder.name))]
+                      if _is_folder(folder) and (step := _STEP.fullmatch(folder.name))]
     return sorted(found, key=lambda f: (f.step, f.stage != "train", f.stage, -1 if f.rank is None else f.rank,
                                         str(f.path)))
+
+
+def _is_folder(path: Path) -> bool:
+    """A folder itself, not a link to one (which could lead anywhere)."""
+    return not path.is_symlink() and path.is_dir()
 
 
 def _step_folder(path: Path, match: re.Match[str], rank: int | None) -> StepFolder:

@@ -8,12 +8,14 @@ a run that stopped) into a :class:`CliError` that names the path and what to pas
 The layout of those folders is :mod:`lens_core.store.folders`, shared with the writers and
 ``lens_core.load``. Reading a history is :mod:`lens_core.store`'s job: its
 ``CaptureFormatError`` (damaged files, another format version) is passed on unchanged, since
-its messages already say what to do.
+its messages already say what to do. Captures may come from anyone, so every file is read
+through :mod:`lens_core.store` (no link followed, nothing but regular files, within limits).
 """
 
 from __future__ import annotations
 
-import json
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +24,7 @@ import torch
 
 from lens_core import store
 from lens_core.capture.history import ModelHistory
+from lens_core.capture.records import Layer
 from lens_core.store.folders import (
     STEP_SUMMARIES,
     StepFolder,
@@ -31,6 +34,7 @@ from lens_core.store.folders import (
     micro_batch_folders,
     micro_batch_index,
     micro_batch_name,
+    read_step_summaries,
     step_folders,
 )
 from lens_core.summaries import TensorSummary, summarize
@@ -180,31 +184,48 @@ def _history_statistics(history: ModelHistory, saved: dict[str, TensorSummary]) 
     """Saved summaries where there are some; the rest computed from the saved tensors.
 
     A history saved with tensors but without summaries (``lens_core.save`` by default) still
-    gets its statistics shown; the source line says which numbers are which.
+    gets its statistics shown; the source line says which numbers are which. Tensors are read
+    one at a time and dropped once summarised, so memory holds one tensor, not the whole file.
     """
     activations = {name: s for name, s in saved.items() if not name.startswith(_GRAD_PREFIX)}
     gradients = {name.removeprefix(_GRAD_PREFIX): s for name, s in saved.items()
                  if name.startswith(_GRAD_PREFIX)}
-    outputs: dict[str, torch.Tensor] = {}
-    grads: dict[str, torch.Tensor] = {}
+    outputs: dict[str, TensorSummary] = {}
+    grads: dict[str, TensorSummary] = {}
     for layer in history.layer_list:
-        value = layer.tensor_contents if layer.label not in activations else None
+        value = _read_output(layer) if layer.label not in activations else None
         if value is not None:
-            outputs[layer.label] = value
-        gradient = layer.gradient if layer.label not in gradients else None
+            outputs.update(summarize({layer.label: value}))
+        gradient = _read_gradient(layer) if layer.label not in gradients else None
         if gradient is not None:
-            grads[layer.label] = gradient
+            grads.update(summarize({layer.label: gradient}))
     sources = [f"{what} {source}" for what, source in
                (("outputs", _source(activations, outputs)), ("gradients", _source(gradients, grads)))
                if source]
     return Statistics(
-        activations={**activations, **summarize(outputs)}, gradients={**gradients, **summarize(grads)},
+        activations={**activations, **outputs}, gradients={**gradients, **grads},
         parameter_gradients={},
         source="; ".join(sources) or "none (saved without summaries or tensors)",
     )
 
 
-def _source(saved: dict[str, TensorSummary], computed: dict[str, torch.Tensor]) -> str | None:
+def _read_output(layer: Layer) -> torch.Tensor | None:
+    """The layer's saved output, read from disk without being kept in the layer."""
+    source = layer.tensor_source
+    return source() if source is not None else layer.saved_tensor
+
+
+def _read_gradient(layer: Layer) -> torch.Tensor | None:
+    """The layer's gradient, dropped from the layer again: the command needs its statistics only."""
+    slot = layer.gradient_slot
+    if slot is None:
+        return None
+    gradient = slot.value
+    slot.value = None
+    return gradient
+
+
+def _source(saved: dict[str, TensorSummary], computed: dict[str, TensorSummary]) -> str | None:
     """Where the statistics of one kind came from, for the reader."""
     places = [place for place, used in (("from summaries.json", saved),
                                         ("computed from tensors.safetensors", computed)) if used]
@@ -214,6 +235,9 @@ def _source(saved: dict[str, TensorSummary], computed: dict[str, torch.Tensor]) 
 def _first_micro_batch(step: Path) -> Path:
     """``micro_batch_0`` of a step folder, whose history stands for the step's graph and layers."""
     first = step / _FIRST
+    if first.is_symlink():
+        raise CliError(f"{first} is a symbolic link, which lens does not follow (a capture from elsewhere "
+                       "could lead it anywhere); replace it by a copy of the folder, if you trust it.")
     if not first.is_dir():
         unfinished = sorted(entry.name for entry in step.iterdir()
                             if is_unfinished(entry.name) and _FIRST in entry.name)
@@ -246,19 +270,14 @@ def _half_written(path: Path, what: str, fix: str) -> str:
 
 def _step_document(path: Path) -> dict[str, Any]:
     """The step's ``summaries.json``, which DiskWriter writes last, once its histories are saved."""
-    file = path / STEP_SUMMARIES
     first = path / _FIRST
     try:
-        document = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+        document = read_step_summaries(path)
+    except store.CaptureFormatError as error:
+        raise CliError(f"{error} Inspect {first} for the history alone.") from None
+    if document is None:
         raise CliError(_half_written(path, f"{STEP_SUMMARIES} is missing", f"inspect {first} for the "
-                                     "history alone")) from None
-    except ValueError as error:  # invalid JSON or UTF-8
-        raise CliError(f"{file} is damaged (not valid JSON: {error}); it was cut short or changed after "
-                       f"the run wrote it. Inspect {first} for the history alone.") from None
-    if not isinstance(document, dict):
-        raise CliError(f"{file} is not the summaries of a step (a JSON object written by DiskWriter); "
-                       f"inspect {first} for the history alone.")
+                                     "history alone"))
     return document
 
 
@@ -268,7 +287,7 @@ def _step_summaries(path: Path, document: dict[str, Any], kind: str) -> dict[str
         if not isinstance(section, dict):
             raise ValueError(f"{kind!r} is {type(section).__name__}, not an object")
         return {str(name): TensorSummary.from_dict(data) for name, data in section.items()}
-    except ValueError as error:
+    except (AttributeError, ValueError) as error:
         raise CliError(f"{path / STEP_SUMMARIES} has damaged {kind} ({error}); inspect "
                        f"{path / _FIRST} for the history alone.") from None
 
@@ -311,17 +330,26 @@ def _no_captures(run_dir: Path) -> str:
 
 def _run_hint(path: Path) -> str:
     """Points to a run folder one level down (a Lightning run keeps its captures in ``lens/``)."""
-    below = [child for child in sorted(path.iterdir()) if child.is_dir() and step_folders(child)]
+    below = [child for child in sorted(path.iterdir())
+             if not child.is_symlink() and child.is_dir() and step_folders(child)]
     return f" Its subfolder {below[0]} is a run folder: `lens list {below[0]}`." if below else ""
 
 
 def _entry(found: StepFolder) -> RunEntry:
+    """The step as ``lens list`` shows it; whatever is wrong with it is one of its problems,
+    so that one bad step does not stop the listing of the others."""
     folder, rank = found.path, found.rank
-    names = {entry.name for entry in folder.iterdir()}
     problems = []
+    try:
+        names = {entry.name for entry in folder.iterdir()}
+    except OSError as error:
+        names = set()
+        problems.append(f"it cannot be listed ({error.strerror})")
     layers = selected = None
     if _FIRST not in names:
         problems.append(f"it has no {_FIRST}/")
+    elif (folder / _FIRST).is_symlink():
+        problems.append(f"{_FIRST} is a symbolic link, which lens does not follow")
     else:
         try:
             history = store.load(folder / _FIRST)
@@ -332,9 +360,22 @@ def _entry(found: StepFolder) -> RunEntry:
     if STEP_SUMMARIES not in names:
         problems.append(f"{STEP_SUMMARIES} is missing (the step was not finished)")
     problems += [f"unfinished write {name}" for name in sorted(names) if is_unfinished(name)]
-    size = sum(file.stat().st_size for file in folder.rglob("*") if file.is_file())
     return RunEntry(
         path=folder, step=found.step, stage=found.stage, rank=rank,
         micro_batches=len(micro_batch_folders(folder)),
-        layers=layers, selected=selected, size=size, problems=tuple(problems),
+        layers=layers, selected=selected, size=_size(folder), problems=tuple(problems),
     )
+
+
+def _size(folder: Path) -> int:
+    """Bytes of the regular files under ``folder``; links are not followed (one could lead to ``/``)."""
+    total = 0
+    for parent, _, files in os.walk(folder):
+        for name in files:
+            try:
+                info = os.lstat(os.path.join(parent, name))
+            except OSError:  # removed while listed
+                continue
+            if stat.S_ISREG(info.st_mode):
+                total += info.st_size
+    return total
