@@ -1,14 +1,17 @@
 """What LensCallback costs a Lightning run: steps per second, side by side in one run.
 
-Per model, four configurations fit the same number of steps from the same start:
+Per model, five configurations fit the same number of steps from the same start:
 (a) no callback, (b) a callback that never fires, (c) capturing every 10th step,
-(d) capturing every step (summaries only, all layers), interleaved and repeated, each
+(d) capturing every step (summaries only, all layers), (e) the same with the training-health
+findings run on every capture (``FindingsTracker``, update ratios included), interleaved and
+repeated, each
 configuration in every place of the order in turn. A step is timed
 from Lightning's batch start to its batch end (forward, backward, optimizer step and all the
 callback's work); steps/s is one over the median step time (of every step but the first few of
 each fit, all repeats together), which a busy machine's stalls do not move as they move a
 whole fit's time. (c) is the mean of the median time of captured and uncaptured steps, weighted
-1:9.
+1:9. The time the findings take per captured step (the rules, and the copy of the weights
+the update ratio needs) is printed on its own too, as the median over every captured step of (e).
 
     python benchmarks/training_overhead.py [--steps 60] [--repeats 4] [--models cnn] [--quick]
 """
@@ -29,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lens_callbacks import LensCallback
+from lens_callbacks import CaptureRecord, LensCallback
+from lens_callbacks.findings import FindingsTracker
 
 THREADS = 2
 
@@ -72,11 +76,43 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[int], torch.Tensor]]]
     "cnn": (cnn, lambda n: torch.randn(n, 3, 32, 32)),
     "transformer": (TinyTransformer, lambda n: torch.randint(0, 100, (n, 32))),
 }
+FINDINGS_SECONDS: list[float] = []
+"""Seconds ``FindingsTracker.observe`` took, per captured step of configuration (e)."""
+
+
+class FindingsTimer(pl.Callback):
+    """A writer doing what ``findings=True`` does with each record, timed (a callback too, to
+    learn the model the update ratios are measured on)."""
+
+    save_tensors = False
+
+    def __init__(self) -> None:
+        self.tracker = FindingsTracker()
+        self.model: nn.Module | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.model = pl_module
+
+    def write(self, record: CaptureRecord) -> None:
+        started = time.perf_counter()
+        self.tracker.observe(record, self.model)
+        FINDINGS_SECONDS.append(time.perf_counter() - started)
+
+    def close(self) -> None:
+        self.tracker.close()
+
+
+def _with_findings() -> list[pl.Callback]:
+    timer = FindingsTimer()
+    return [LensCallback(every_n_steps=1, writers=[timer]), timer]
+
+
 CONFIGS: dict[str, Callable[[], list[pl.Callback]]] = {
     "no callback": list,
     "never fires": lambda: [LensCallback(steps=[10**9], writers=[])],
     "every 10th step": lambda: [LensCallback(every_n_steps=10, writers=[])],
     "every step": lambda: [LensCallback(every_n_steps=1, writers=[])],
+    "every step + findings": _with_findings,
 }
 
 
@@ -130,10 +166,12 @@ def main(argv: list[str] | None = None) -> None:
     steps, repeats = (10, 1) if args.quick else (args.steps, args.repeats)
     torch.set_num_threads(THREADS)
     warnings.filterwarnings("ignore")
-    head = ["model", *[f"{config} steps/s" for config in CONFIGS], "(b)/(a)", "(c)/(a)", "(d)/(a)"]
+    head = ["model", *[f"{config} steps/s" for config in CONFIGS], "(b)/(a)", "(c)/(a)", "(d)/(a)", "(e)/(a)",
+            "findings ms per capture"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     with tempfile.TemporaryDirectory() as root:
         for name in args.models:
+            FINDINGS_SECONDS.clear()
             fits: dict[str, list[float]] = {config: [] for config in CONFIGS}  # mean step of each fit
             for repeat in range(repeats):  # interleaved, each in every place of the order in turn:
                 order = list(CONFIGS)[repeat % len(CONFIGS):] + list(CONFIGS)[:repeat % len(CONFIGS)]
@@ -142,10 +180,11 @@ def main(argv: list[str] | None = None) -> None:
             # slowdowns compare the fits of one repeat, which ran minutes apart at most
             slowdowns = [
                 statistics.median(t / base for t, base in zip(fits[config], fits["no callback"], strict=True))
-                for config in ("never fires", "every 10th step", "every step")
+                for config in ("never fires", "every 10th step", "every step", "every step + findings")
             ]
             rates = [f"{1 / statistics.median(fits[c]):.1f}" for c in CONFIGS]
-            cells = rates + [f"{s:.3f}x" for s in slowdowns]
+            findings_ms = 1000 * statistics.median(FINDINGS_SECONDS)
+            cells = rates + [f"{s:.3f}x" for s in slowdowns] + [f"{findings_ms:.2f}"]
             print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
     print(f"\n{repeats} fits of {steps} steps per configuration, batch 32, CPU, {THREADS} threads, "
           f"torch {torch.__version__}, lightning {pl.__version__}; steps/s from median step times; "
@@ -165,7 +204,7 @@ def _mean_step(config: str, times: dict[int, float]) -> float:
 
 
 def _captures(config: str, step: int) -> bool:
-    return config == "every step" or (config == "every 10th step" and step % 10 == 0)
+    return config.startswith("every step") or (config == "every 10th step" and step % 10 == 0)
 
 
 if __name__ == "__main__":

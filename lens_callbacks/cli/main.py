@@ -3,12 +3,16 @@
 A capture is most often looked at on the machine that trained, over ssh, long after the run:
 with no notebook at hand, and sometimes while the run is still writing. So each subcommand
 reads the disk store and prints plain text, and every way a folder can be unusable ends in one
-line on stderr that names the path and the fix, with exit code 2, never a traceback::
+line on stderr that names the path and the fix, with exit code 2, never a traceback. Captures
+may come from anyone: every string from one (and every path) is printed with its control
+characters escaped (:func:`~lens_callbacks.cli.text.escape`)::
 
     lens list runs/lens                          # the captures of a run
     lens inspect runs/lens/step_000100           # layers, shapes, statistics
     lens diff runs/lens/step_000100 runs/lens/step_000200 --top 10
     lens graph runs/lens/step_000100 -o graph.svg --rolled --depth 2
+    lens findings runs/lens                      # what went wrong in training, where, since when
+    lens report runs/lens -o report.html         # the same as an HTML page with plots
 
 Installed as a console script (``lens = "lens_callbacks.cli:main"``); also
 ``python -m lens_callbacks.cli``.
@@ -24,6 +28,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from lens_callbacks.cli import report
 from lens_callbacks.cli.captures import (
     CaptureView,
     CliError,
@@ -33,7 +38,7 @@ from lens_callbacks.cli.captures import (
     open_capture,
 )
 from lens_callbacks.cli.diff import STATISTICS, Comparison, Statistic, compare
-from lens_callbacks.cli.text import MISSING, human_bytes, number, percent, table
+from lens_callbacks.cli.text import MISSING, escape, human_bytes, number, percent, table
 from lens_core import store
 from lens_core.errors import LensError
 from lens_core.graph.render import DEFAULT_TIMEOUT, RenderTimeoutError, check_render_options
@@ -62,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # dot binary). Each message names the path and what to do.
         if isinstance(error, BrokenPipeError):
             return _reader_left()
-        print(f"lens {args.command}: error: {error}", file=sys.stderr)
+        print(f"lens {args.command}: error: {escape(str(error))}", file=sys.stderr)
         return EXIT_ERROR
     return 0
 
@@ -136,6 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("run_dir", type=Path, metavar="RUN_DIR",
                          help="the folder a DiskWriter wrote to (a LensCallback's is <log_dir>/lens)")
     listing.set_defaults(run=_list)
+    report.add_commands(commands)  # lens findings, lens report
     return parser
 
 
@@ -188,7 +194,7 @@ def _header(view: CaptureView) -> str:
         ("Structure", f"{structure}, {branching} branching"),
         ("Statistics", view.statistics.source),
     ]
-    return "\n".join(f"{name:<11} {text}" for name, text in rows)
+    return "\n".join(f"{name:<11} {escape(text)}" for name, text in rows)
 
 
 def _layers_table(view: CaptureView) -> str:
@@ -269,8 +275,8 @@ def _graph(args: argparse.Namespace) -> None:
     except RenderTimeoutError as error:
         raise CliError(f"{error} (Here --depth sets vis_nesting_depth, --timeout the timeout.)") from None
     for warning in caught:
-        print(f"lens graph: warning: {warning.message}", file=sys.stderr)
-    print(f"wrote {written}")
+        print(f"lens graph: warning: {escape(str(warning.message))}", file=sys.stderr)
+    print(f"wrote {escape(written)}")
 
 
 # -- lens diff --------------------------------------------------------------------------------------
@@ -285,8 +291,8 @@ def _diff(args: argparse.Namespace) -> None:
                 "capture with DiskWriter (it saves summaries) or with save_tensors=True."
             )
     statistic: Statistic = args.stat
-    print(f"A  {a.path} ({a.describe()})")
-    print(f"B  {b.path} ({b.describe()})")
+    print(escape(f"A  {a.path} ({a.describe()})"))
+    print(escape(f"B  {b.path} ({b.describe()})"))
     print(f"Ranked by the relative change of {statistic}, (B - A) / |A|, largest first.")
     order = [layer.label for layer in a.history.layer_list]
     sections = (
@@ -317,7 +323,7 @@ def _diff_section(title: str, what: str, comparison: Comparison, statistic: str,
         lines = [f"{title}: no {what} has statistics in both."]
     for side, names in (("A", comparison.only_in_a), ("B", comparison.only_in_b)):
         if names:
-            lines.append(f"Only in {side} ({len(names)}): {', '.join(names)}")
+            lines.append(escape(f"Only in {side} ({len(names)}): {', '.join(names)}"))
     return "\n".join(lines)
 
 
@@ -342,5 +348,5 @@ def _optional(value: int | None) -> str:
 
 
 def _problems(entry: RunEntry) -> str:
-    return f"  {entry.path}: " + "; ".join(entry.problems)
+    return escape(f"  {entry.path}: " + "; ".join(entry.problems))
 

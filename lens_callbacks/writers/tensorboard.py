@@ -15,6 +15,9 @@ Tags, for a capture of training at step 100 (captures of other stages say so:
 ``lens.activations.std/features.6/conv2d_3_7``   scalars: ``lens.<kind>.<statistic>/<path>``,
 ``lens.gradients.l2_norm/...``                   the few of :data:`CURATED_SCALARS` by default,
 ``lens.param_grads.l2_norm/...``                 all of :data:`STATISTICS` with ``scalars="all"``
+``lens.findings`` (text)                         training health findings new at a step, a table
+``lens.findings/<rule>``, ``lens.findings/new``  how far past its threshold each new finding is
+                                                 (orders of magnitude), how many are new
 ==============================================  ================================================
 
 Why this shape: TensorBoard groups a dashboard's cards by the tag's first ``/``-component, so
@@ -51,13 +54,16 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from lens_callbacks.record import CaptureRecord
 from lens_core import TensorSummary
+
+if TYPE_CHECKING:
+    from lens_callbacks.findings import Finding
 
 __all__ = ["TensorBoardWriter"]
 
@@ -208,6 +214,21 @@ class TensorBoardWriter:
         # Captures are rare and users watch for them: show them now, not after flush_secs.
         experiment.flush()
 
+    def write_findings(self, findings: Sequence[Finding], step: int) -> None:
+        """Writes the findings new at ``step``: a table in the text panel and one scalar each.
+
+        ``lens.findings/<rule>`` is how far past its threshold a finding is (orders of
+        magnitude); ``lens.findings/new`` counts them. Nothing is written when none is new.
+        """
+        experiment = self.experiment
+        if experiment is None or not findings:
+            return
+        experiment.add_text("lens.findings", _findings_markdown(findings), step)
+        for finding in findings:
+            experiment.add_scalar(f"lens.findings/{finding.rule}", finding.score, step)
+        experiment.add_scalar("lens.findings/new", len(findings), step)
+        experiment.flush()
+
     def _scalars(self, kind: str, summary: TensorSummary) -> Iterator[tuple[str, float]]:
         """(statistic, value) of each scalar to write for one summary."""
         if self.scalars is False:
@@ -259,6 +280,20 @@ def _check_scalars(scalars: object) -> bool | Literal["all"]:
     if scalars != "all":
         raise ValueError(message)
     return "all"
+
+
+def _findings_markdown(findings: Sequence[Finding]) -> str:
+    """A markdown table (TensorBoard's text panel renders markdown)."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    rows = ["| severity | rule | since | layers | finding |", "|---|---|---|---|---|"]
+    rows += [
+        f"| {f.severity.name} | {f.rule} | {f.since} | {cell(', '.join(f.layers[:8]))}"
+        f"{' ...' if len(f.layers) > 8 else ''} | {cell(f.message)} |"
+        for f in findings
+    ]
+    return "\n".join(rows)
 
 
 def _layer_path(record: CaptureRecord, label: str) -> str:

@@ -11,16 +11,19 @@ import math
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lens_callbacks.record import CaptureRecord
 from lens_callbacks.writers.disk import DiskWriter
 from lens_core import ModelHistory
 from lens_core.summaries import TensorSummary
+
+if TYPE_CHECKING:
+    from lens_callbacks.findings import Finding
 
 __all__ = ["WandbWriter"]
 
@@ -31,6 +34,8 @@ TABLE_COLUMNS = (
     "label", "module", "type", "shape", "kind", "mean", "std", "min", "max", "mean_abs", "l2_norm",
     "zero_fraction", "nan_count", "inf_count", "numel",
 )
+FINDINGS_COLUMNS = ("severity", "rule", "since", "steps", "layers", "message", "score")
+"""Columns of the ``lens/findings`` table."""
 # W&B refuses histograms of more bins than this (wandb.Histogram.MAX_LENGTH).
 _MAX_BINS = 512
 
@@ -185,6 +190,22 @@ class WandbWriter:
             step = record.step if current is not None and record.step >= current else None
             run.log(data, step=step, commit=False)
             run.log_artifact(self._artifact(wandb, record, run_id, folder), aliases=[f"step-{record.step}"])
+
+    def write_findings(self, findings: Sequence[Finding], step: int) -> None:
+        """Logs the findings new at ``step``: a ``lens/findings`` table (columns
+        :data:`FINDINGS_COLUMNS`, one row per finding) and ``lens/findings_new``, their count.
+        Nothing is logged when none is new."""
+        run = self.run
+        if not findings or not isinstance(getattr(run, "id", None), str):  # no-op experiment off rank 0
+            return
+        wandb = _import_wandb()
+        self._define_metrics(run, run.id)
+        rows = [[f.severity.name.lower(), f.rule, f.since, ", ".join(map(str, f.steps)), ", ".join(f.layers),
+                 f.message, f.score] for f in findings]
+        data = {STEP_KEY: step, "lens/findings": wandb.Table(columns=list(FINDINGS_COLUMNS), data=rows),
+                "lens/findings_new": len(findings)}
+        current = _current_step(run)
+        run.log(data, step=step if current is not None and step >= current else None, commit=False)
 
     def close(self) -> None:
         """Nothing to release: the run is the caller's (or the logger's) to finish."""
