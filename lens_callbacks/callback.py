@@ -18,11 +18,13 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
-from lens_callbacks.lens import Lens, check_anomaly_options
+from lens_callbacks import _checks
+from lens_callbacks.lens import Lens
 from lens_callbacks.schedule import Schedule
 from lens_callbacks.writers import DiskWriter, TensorBoardWriter, WandbWriter, Writer
 from lens_core.capture.callers import FRAMEWORK_PACKAGES, FrameworkSpec, caller_filter
 from lens_core.capture.selection import LayerSpec
+from lens_core.summaries import check_bins
 
 try:
     from lightning.pytorch import Callback
@@ -65,7 +67,13 @@ class LensCallback(Callback):
         bins: histogram bins.
         ranks: ``"zero"`` captures on global rank 0 only, ``"all"`` on every rank (per-rank
             folders).
-        strict: let writer errors stop training.
+        strict: let writer errors stop training (every writer still gets every record
+            first).
+        background, write_timeout, max_queued: write off the training thread, and report
+            slow writers (see :class:`Lens`); the queue is flushed at ``teardown`` (the end
+            of ``fit``, ``validate``, ``test`` ...) and when training fails.
+        findings: run the training-health rules on every captured training step (see
+            :class:`Lens`); False: none.
         on_anomaly: when a training loss is NaN or infinite, replay the step under a full
             capture (same batch, parameters and RNG state; training is not changed) and report
             the first op that produced a non-finite value, to the console and the writers; then
@@ -98,19 +106,30 @@ class LensCallback(Callback):
         on_anomaly: Literal["raise", "skip", "continue"] | None = None,
         check_gradients: bool = False,
         framework: FrameworkSpec = FRAMEWORK_PACKAGES,
+        background: bool = False,
+        write_timeout: float | None = 60.0,
+        max_queued: int = 2,
+        findings: bool = True,
     ) -> None:
         super().__init__()
-        if ranks not in ("zero", "all"):
-            raise ValueError(f"ranks={ranks!r}: use 'zero' (global rank 0 captures) or 'all'.")
-        self._schedule = Schedule.build(every_n_steps, steps, when, stages)  # validates early
+        # Everything is checked here, not in setup: a bad argument fails before fit starts.
+        _checks.check_layers(layers)
+        self._schedule = Schedule.build(every_n_steps, steps, when, stages)
         self._options: dict[str, Any] = {
             "layers": layers, "every_n_steps": every_n_steps, "steps": steps, "when": when,
-            "stages": stages, "save_tensors": save_tensors, "bins": bins, "strict": strict,
+            "stages": stages, "save_tensors": _checks.check_bool("save_tensors", save_tensors),
+            "bins": check_bins(bins), "strict": _checks.check_bool("strict", strict),
             "on_anomaly": on_anomaly, "check_gradients": check_gradients,
-            "framework": caller_filter(framework),  # checked here, not at setup
+            "framework": caller_filter(framework),
+            "background": _checks.check_bool("background", background),
+            "write_timeout": _checks.check_timeout("write_timeout", write_timeout),
+            "max_queued": _checks.check_positive_int("max_queued", max_queued),
+            "findings": _checks.check_bool("findings", findings),
         }
-        check_anomaly_options(on_anomaly, check_gradients)
-        self._writers = None if writers is None else list(writers)
+        _checks.check_anomaly_options(on_anomaly, check_gradients)
+        self._writers = _checks.check_writers(writers)
+        log_dir = _checks.check_path("log_dir", log_dir, optional=True)
+        _checks.check_ranks(ranks)
         self.writers: list[Writer] = []
         """The writers in use (known from ``setup`` on)."""
         self._log_dir = log_dir
@@ -176,14 +195,17 @@ class LensCallback(Callback):
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         # Flush, not close: the same writers serve a later stage (fit, then test); each write
-        # is complete when it returns, and writers you built yourself are yours to close.
+        # is complete when flush returns, and writers you built yourself are yours to close.
         if self.lens is not None:
+            if stage == "fit":
+                self.lens.end_findings()
             self.lens.flush()
             self._last_step = self.lens.last_step
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         if self.lens is not None:
             self.lens.abort()
+            self.lens.flush(raise_errors=False)  # the steps before the failure, queued ones too
         self._stepped = False
 
     def state_dict(self) -> dict[str, Any]:
@@ -241,7 +263,7 @@ class LensCallback(Callback):
             return
         self.lens.end_micro_batch()  # a step without backward, or manual optimization
         if self._stepped or self._manual:  # the update has run: the step is complete
-            self.lens.flush()
+            self.lens.end_step()
         self._stepped = False
         if self._schedule.when is not None:  # the only reason to read the loss: it syncs
             loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
@@ -249,7 +271,7 @@ class LensCallback(Callback):
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if self.lens is not None:
-            self.lens.flush()
+            self.lens.end_step()
 
     # -- evaluation stages -----------------------------------------------------------------------
 
@@ -259,7 +281,7 @@ class LensCallback(Callback):
 
     def _eval_end(self) -> None:
         if self.lens is not None and self.lens.capturing:
-            self.lens.flush()
+            self.lens.end_step()
 
     def on_validation_batch_start(
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0

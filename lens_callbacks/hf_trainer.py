@@ -15,11 +15,13 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
+from lens_callbacks import _checks
 from lens_callbacks.lens import Lens
 from lens_callbacks.schedule import Schedule
 from lens_callbacks.writers import DiskWriter, TensorBoardWriter, WandbWriter, Writer
 from lens_core.capture.callers import FRAMEWORK_PACKAGES, FrameworkSpec, caller_filter
 from lens_core.capture.selection import LayerSpec
+from lens_core.summaries import check_bins
 
 try:
     from transformers import TrainerCallback
@@ -48,7 +50,9 @@ class LensTrainerCallback(TrainerCallback):
     this process's gradients before their all-reduce).
 
     Args:
-        layers, every_n_steps, steps, when, bins, strict, framework: as for :class:`Lens`.
+        layers, every_n_steps, steps, when, bins, strict, framework, background,
+            write_timeout, max_queued: as for :class:`Lens` (the queue is flushed at
+            ``on_train_end``).
         writers: where captures go; by default a disk writer in ``<log_dir>/lens``, plus
             TensorBoard (``args.logging_dir``) and the active W&B run when ``report_to``
             names them. ``[]``: nowhere.
@@ -78,20 +82,25 @@ class LensTrainerCallback(TrainerCallback):
         ranks: Literal["zero", "all"] = "zero",
         strict: bool = False,
         framework: FrameworkSpec = FRAMEWORK_PACKAGES,
+        background: bool = False,
+        write_timeout: float | None = 60.0,
+        max_queued: int = 2,
     ) -> None:
-        if ranks not in ("zero", "all"):
-            raise ValueError(f"ranks={ranks!r}: use 'zero' (the main process captures) or 'all'.")
-        if not isinstance(save_tensors, bool):
-            raise TypeError(f"save_tensors={save_tensors!r}: use True or False.")
-        Schedule.build(every_n_steps, steps, when, "train")  # validates here, not at train begin
+        # Everything is checked here, not at on_train_begin: a bad argument fails before training.
+        _checks.check_layers(layers)
+        Schedule.build(every_n_steps, steps, when, "train")
         self._options: dict[str, Any] = {
             "layers": layers, "every_n_steps": every_n_steps, "steps": steps, "when": when,
-            "bins": bins, "strict": strict, "framework": caller_filter(framework),
+            "bins": check_bins(bins), "strict": _checks.check_bool("strict", strict),
+            "framework": caller_filter(framework),
+            "background": _checks.check_bool("background", background),
+            "write_timeout": _checks.check_timeout("write_timeout", write_timeout),
+            "max_queued": _checks.check_positive_int("max_queued", max_queued),
         }
-        self._writers = None if writers is None else list(writers)
-        self._log_dir = log_dir
-        self._save_tensors = save_tensors
-        self._ranks = ranks
+        self._writers = _checks.check_writers(writers)
+        self._log_dir = _checks.check_path("log_dir", log_dir, optional=True)
+        self._save_tensors = _checks.check_bool("save_tensors", save_tensors)
+        self._ranks = _checks.check_ranks(ranks)
         self.lens: Lens | None = None
         self._owned: list[Writer] = []
 
@@ -140,10 +149,11 @@ class LensTrainerCallback(TrainerCallback):
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.lens is not None:  # the update has run: the step is complete
-            self.lens.flush()
+            self.lens.end_step()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.lens is not None:
+            self.lens.end_findings()
             self.lens.flush()
         for writer in self._owned:
             writer.close()

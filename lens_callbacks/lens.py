@@ -12,6 +12,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -19,6 +20,9 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from lens_callbacks import _checks
+from lens_callbacks._delivery import Call, Delivery
+from lens_callbacks.findings import Finding, FindingsTracker, log_findings
 from lens_callbacks.record import CaptureRecord, UpdateGradients, build_record, used_parameters
 from lens_callbacks.schedule import Schedule
 from lens_callbacks.writers import DiskWriter, Writer
@@ -28,16 +32,6 @@ from lens_core.capture.selection import LayerSpec, Selection
 from lens_core.summaries import Summaries, TensorSummary, check_bins, local_shard
 
 __all__ = ["Lens"]
-
-
-def check_anomaly_options(on_anomaly: object, check_gradients: object) -> None:
-    """Validates ``on_anomaly`` and ``check_gradients`` (shared with ``LensCallback``)."""
-    if on_anomaly not in (None, "raise", "skip", "continue"):
-        raise ValueError(f"on_anomaly={on_anomaly!r}: use 'raise', 'skip', 'continue' or None.")
-    if not isinstance(check_gradients, bool):
-        raise TypeError(f"check_gradients={check_gradients!r}: use True or False.")
-    if check_gradients and on_anomaly is None:
-        raise ValueError("check_gradients=True needs on_anomaly='raise', 'skip' or 'continue'.")
 
 
 def _norm(grad: torch.Tensor) -> torch.Tensor:
@@ -240,7 +234,30 @@ class Lens:
             recorded gradients are unscaled.
         accumulate_grad_batches: micro-batches per optimizer step.
         strict: let a writer's error stop training (by default it is reported and training
-            goes on).
+            goes on). Either way every writer gets every record: with ``strict=True`` the
+            first error is raised once all have had it (with ``background``, at the next call
+            of the lens on the training thread).
+        background: write on a writer thread, so that training does not wait for the
+            writers (off by default: writes then finish before the step's block ends).
+            Records wait in a queue of ``max_queued``; :meth:`flush` and :meth:`close` wait
+            until everything is written. What a record holds is the step's own: summaries
+            are computed before it is queued, and saved tensors that share memory with the
+            model's parameters, buffers or ``.grad`` (which the next steps update in place)
+            are copied first. A tensor of the step that your loop itself changes in place
+            after the step is written as it is at write time.
+        write_timeout: seconds after which a write is reported with a warning naming the
+            writer (a hung writer: with ``background``, while training goes on; otherwise
+            once it returns). None: never.
+        max_queued: with ``background``, captures waiting to be written at most; when a
+            slow or hung writer lets more pile up, the oldest waiting one is dropped with a
+            warning: training never waits for a writer, and queued records (which may hold
+            tensors) take bounded memory.
+        findings: run the training-health rules (``lens_callbacks.findings``) on every
+            captured training step: new findings go to the console (rank 0) and to the writers
+            that have ``write_findings``; silent when there are none. A ``FindingsTracker``
+            chooses the rules (``FindingsTracker(measure_updates=True)`` also measures update
+            ratios: it hooks the optimizer step after each capture, until :meth:`close`);
+            False: none.
         on_anomaly: check each loss handed to :meth:`check`; when it is NaN or infinite,
             replay the step under a full capture and report the first op that went non-finite
             (console, writers), then ``"raise"`` :class:`AnomalyError`, or return the report
@@ -273,30 +290,48 @@ class Lens:
         on_anomaly: Literal["raise", "skip", "continue"] | None = None,
         check_gradients: bool = False,
         framework: FrameworkSpec = FRAMEWORK_PACKAGES,
+        background: bool = False,
+        write_timeout: float | None = 60.0,
+        max_queued: int = 2,
+        findings: bool | FindingsTracker = True,
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+            raise TypeError(f"model={type(model).__name__}(...): use the torch.nn.Module being trained.")
         Selection(layers, (name for name, _ in model.named_modules()), "layers")  # fail early
         check_bins(bins)  # here, not at the first captured step
-        if isinstance(accumulate_grad_batches, bool) or not isinstance(accumulate_grad_batches, int) \
-                or accumulate_grad_batches < 1:
-            raise ValueError(f"accumulate_grad_batches={accumulate_grad_batches!r}: use an int >= 1.")
+        accumulate_grad_batches = _checks.check_positive_int(
+            "accumulate_grad_batches", accumulate_grad_batches
+        )
+        chosen = _checks.check_writers(writers)
+        root = _checks.check_path("log_dir", log_dir)
+        save_tensors = _checks.check_bool("save_tensors", save_tensors)
+        strict = _checks.check_bool("strict", strict)
+        background = _checks.check_bool("background", background)
+        write_timeout = _checks.check_timeout("write_timeout", write_timeout)
+        max_queued = _checks.check_positive_int("max_queued", max_queued)
         self.model = model
         self.layers = layers
         self.schedule = Schedule.build(every_n_steps, steps, when, stages)
-        self.writers: list[Writer] = (
-            [DiskWriter(log_dir, save_tensors=save_tensors)] if writers is None else list(writers)
-        )
-        for writer in self.writers:
-            if not isinstance(writer, Writer):
-                raise TypeError(f"writers holds {writer!r}, which has no write(record) and close() methods.")
-        check_anomaly_options(on_anomaly, check_gradients)
+        self.writers: list[Writer] = [DiskWriter(cast(Path, root), save_tensors=save_tensors)] \
+            if chosen is None else chosen
+        _checks.check_anomaly_options(on_anomaly, check_gradients)
         self.on_anomaly = on_anomaly
         self.check_gradients_enabled = check_gradients
         self.bins = bins
         self.grad_scaler = grad_scaler
         self.accumulate_grad_batches = accumulate_grad_batches
         self.strict = strict
+        self.background = background
+        if not isinstance(findings, (bool, FindingsTracker)):
+            raise TypeError(f"findings={findings!r}: use True, False or a FindingsTracker.")
+        # Update ratios need a hook on the optimizer step after each capture, outside the
+        # capture: only when asked for (FindingsTracker(measure_updates=True)), until close().
+        self.findings: FindingsTracker | None = (
+            FindingsTracker(measure_updates=False) if findings is True else findings or None
+        )
+        self._delivery = Delivery(
+            strict=strict, background=background, write_timeout=write_timeout, max_queued=max_queued
+        )
         self.callers = caller_filter(framework)  # checked here, shared by every capture
         self.summarize_as_made = accumulate_grad_batches == 1 and not any(
             getattr(writer, "save_tensors", True) for writer in self.writers
@@ -311,7 +346,9 @@ class Lens:
         self.rank = 0
         self.enabled = True
         self.last_step: int | None = None
-        """Last training step written; earlier steps are not captured again (resuming)."""
+        """Last training step written; it and earlier steps are not captured again (resuming
+        from a checkpoint repeats no capture); a lower step than it is warned about, once."""
+        self._warned_backwards = False
         self.previous_loss: float | None = None
         self._capture: Capture | None = None
         self._pending: _Pending | None = None
@@ -325,7 +362,17 @@ class Lens:
 
     @contextlib.contextmanager
     def step(self, step: int, stage: str = "train") -> Iterator[Lens]:
-        """Captures the block if ``step`` is due (see the class docstring)."""
+        """Captures the block if ``step`` is due (see the class docstring).
+
+        Args:
+            step: the optimizer step, an int >= 0 (numpy integers too).
+            stage: one of :data:`~lens_callbacks.schedule.STAGES`.
+
+        Raises:
+            ValueError / TypeError: a bad ``step`` or ``stage``.
+        """
+        step = _checks.check_step(step)
+        stage = _checks.check_stage(stage)
         self.begin_step(step)
         if not self.arm(step, stage):
             yield self
@@ -334,15 +381,19 @@ class Lens:
             yield self
             self.end_micro_batch()
             if self._pending is not None and len(self._pending.histories) >= self.accumulate_grad_batches:
-                self.flush()
+                self.end_step()
         except BaseException:  # also a selection that matched nothing, or a strict writer's error
             self.abort()
             raise
 
     def close(self) -> None:
-        """Writes what is pending and closes the writers."""
+        """Writes what is pending, waits for the writers (``background``) and closes them."""
         try:
-            self.flush()
+            try:
+                self.end_step()
+                self.end_findings()
+            finally:
+                self._delivery.close()
         finally:
             for writer in self.writers:
                 writer.close()
@@ -395,25 +446,47 @@ class Lens:
     # -- the steps the integrations map their hooks to -------------------------------------------
 
     def begin_step(self, step: int) -> None:
-        """Notes the step that starts (and, for anomaly replays, the RNG state it starts from)."""
-        self._step = step
+        """Notes the step that starts (and, for anomaly replays, the RNG state it starts from).
+
+        Failures of background writes are reported here (raised with ``strict=True``)."""
+        self._step = _checks.check_step(step)
+        self._delivery.report()
         if self.on_anomaly is not None:
             self._step_rng = get_rng_states()
 
     def due(self, step: int, stage: str = "train") -> bool:
-        if not self.enabled or (stage == "train" and self.last_step is not None and step <= self.last_step):
+        if not self.enabled:
+            return False
+        if stage == "train" and self.last_step is not None and step <= self.last_step:
+            if step < self.last_step and not self._warned_backwards:
+                self._warned_backwards = True
+                warnings.warn(
+                    f"lens_callbacks: step {step} comes after step {self.last_step} was written: "
+                    f"steps up to {self.last_step} are not captured again (so that resuming from a "
+                    "checkpoint repeats no capture). Number steps from where training is, or make "
+                    "a new Lens for a new run. Said once.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
             return False
         return self.schedule.due(step, stage, self.previous_loss)
 
     def arm(self, step: int, stage: str = "train") -> bool:
-        """Starts capturing the next micro-batch if its step is due (or its step is pending)."""
+        """Starts capturing the next micro-batch if its step is due (or its step is pending).
+
+        Raises:
+            ValueError / TypeError: a ``step`` that is no int >= 0, a ``stage`` not in
+                :data:`~lens_callbacks.schedule.STAGES`.
+        """
+        step = _checks.check_step(step)
+        stage = _checks.check_stage(stage)
         pending = self._pending
         # Summaries made as a micro-batch ran cannot pool with another's: a step armed again
         # (a hand-driven loop; Lightning moves on to the next step after every optimizer step)
         # is written as it is, and, being written, not captured again.
         if pending is not None and ((pending.step, pending.stage) != (step, stage)
                                     or (pending.summaries is not None and pending.histories)):
-            self.flush()
+            self.end_step()
             pending = None
         if pending is None and not self.due(step, stage):
             return False
@@ -485,8 +558,22 @@ class Lens:
         finally:
             self._leave_eager()
 
-    def flush(self) -> None:
-        """Summarises the pending step and hands it to the writers."""
+    def flush(self, raise_errors: bool = True) -> None:
+        """Writes the pending step and waits until the writers have every record.
+
+        Args:
+            raise_errors: False: writer errors are warned about even with ``strict=True``
+                (while another error is being handled).
+
+        Raises:
+            Exception: with ``strict=True``, the first error of a writer.
+        """
+        self.end_step()
+        self._delivery.flush(raise_errors)
+
+    def end_step(self) -> None:
+        """Summarises the pending step and hands it to the writers (with ``background``, to
+        the queue of the writer thread)."""
         self.end_micro_batch()
         pending, self._pending = self._pending, None
         if pending is None or not pending.histories:
@@ -507,9 +594,30 @@ class Lens:
             )
             if pending.stage == "train":
                 self.last_step = pending.step
+            if self.background:
+                _own_tensors(record, self.model)
             self._write(record)
+            if self.findings is not None and pending.stage == "train":
+                self._write_findings(self.findings.observe(record, self.model), record.step)
         finally:
             _release(pending)
+
+    def end_findings(self) -> None:
+        """Reports what the last capture's update ratios add and stops measuring them (the
+        findings of a run end with its training)."""
+        if self.findings is not None and self.last_step is not None:
+            self._write_findings(self.findings.close(), self.last_step)
+
+    def _write_findings(self, findings: list[Finding], step: int) -> None:
+        if not findings:
+            return
+        if self.rank == 0:
+            log_findings(findings)
+        calls: list[Call] = [
+            (writer, functools.partial(write, findings, step)) for writer in self.writers
+            if (write := getattr(writer, "write_findings", None)) is not None
+        ]
+        self._delivery.deliver(step, calls)
 
     def abort(self) -> None:
         """Tears a capture down after an error, keeping nothing of the failed step."""
@@ -529,24 +637,43 @@ class Lens:
             eager.__exit__(None, None, None)
 
     def _write(self, record: CaptureRecord) -> None:
-        for writer in self.writers:
-            self._guarded(writer, record.step, functools.partial(writer.write, record))
+        calls: list[Call] = [(writer, functools.partial(writer.write, record)) for writer in self.writers]
+        self._delivery.deliver(record.step, calls)
 
     def _write_anomaly(self, report: AnomalyReport) -> None:
-        for writer in self.writers:
-            write = getattr(writer, "write_anomaly", None)
-            if write is not None:
-                self._guarded(writer, report.step, functools.partial(write, report))
+        calls: list[Call] = [
+            (writer, functools.partial(write, report)) for writer in self.writers
+            if (write := getattr(writer, "write_anomaly", None)) is not None
+        ]
+        self._delivery.deliver(report.step, calls)
+        if self.on_anomaly == "raise":  # the report is written before the error stops training
+            self._delivery.flush()
 
-    def _guarded(self, writer: Writer, step: int | None, write: Callable[[], None]) -> None:
-        try:
-            write()
-        except Exception as error:
-            if self.strict:
-                raise
-            warnings.warn(
-                f"lens_callbacks: {type(writer).__name__} failed to write step {step} "
-                f"({type(error).__name__}: {error}); training goes on (strict=True stops it).",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+
+def _storage_key(tensor: torch.Tensor) -> tuple[torch.device, int] | None:
+    try:
+        pointer = tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a tensor without storage (meta, DTensor...)
+        return None
+    return (tensor.device, pointer) if pointer else None
+
+
+def _own_tensors(record: CaptureRecord, model: nn.Module) -> None:
+    """Copies the record's saved tensors that share memory with the model's parameters, buffers
+    or ``.grad``, so that a writer on another thread reads them as the step left them, not as
+    the next updates change them in place. The rest are the step's own outputs, which later
+    steps do not write to."""
+    state = {
+        key for tensor in chain(model.parameters(), model.buffers(),
+                                (p.grad for p in model.parameters() if p.grad is not None))
+        if (key := _storage_key(tensor)) is not None
+    }
+    with torch._C.DisableTorchFunction(), torch.no_grad():
+        for history in record.histories:
+            for layer in history.layer_list:
+                saved = layer.saved_tensor
+                if saved is not None and _storage_key(saved) in state:
+                    layer.saved_tensor = saved.clone()
+                slot = layer.gradient_slot
+                if slot is not None and slot.value is not None and _storage_key(slot.value) in state:
+                    slot.value = slot.value.clone()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Literal
+from numbers import Integral
+from typing import Literal, cast
 
 __all__ = ["STAGES", "Schedule", "Stage"]
 
@@ -41,24 +43,33 @@ class Schedule:
         stages: Iterable[str] | str,
     ) -> Schedule:
         """Validates user arguments (naming each one in errors) and builds the schedule."""
-        if every_n_steps is not None and (
-            isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1
-        ):
-            raise ValueError(f"every_n_steps={every_n_steps!r}: use an int >= 1, or None.")
+        every: object = every_n_steps  # checked as what it is, not as what it is typed
+        if every is not None:
+            if isinstance(every, bool) or not isinstance(every, Integral) or every < 1:
+                raise ValueError(f"every_n_steps={every!r}: use an int >= 1, or None.")
+            every_n_steps = operator.index(every)
         step_set = None
         if steps is not None:
             if isinstance(steps, (str, bytes)) or not isinstance(steps, Iterable):
                 raise TypeError(f"steps={steps!r}: use a list of ints, e.g. steps=[0, 500, 1000].")
-            step_set = frozenset(steps)
-            bad = [s for s in step_set if isinstance(s, bool) or not isinstance(s, int) or s < 0]
+            given: list[object] = list(steps)
+            bad = [s for s in given if isinstance(s, bool) or not isinstance(s, Integral) or s < 0]
             if bad:
                 raise ValueError(f"steps contains {bad[0]!r}: steps are ints >= 0 (optimizer steps).")
+            step_set = frozenset(operator.index(cast(Integral, s)) for s in given)
         if when is not None and not callable(when):
             raise TypeError(f"when={when!r}: use a callable when(step, previous_loss) -> bool.")
-        stage_set = frozenset([stages] if isinstance(stages, str) else stages)
-        unknown = sorted(stage_set - set(STAGES))
-        if unknown or not stage_set:
-            raise ValueError(f"stages={sorted(stage_set)!r}: choose from {list(STAGES)}.")
+        named: object = [stages] if isinstance(stages, (str, bytes)) else stages
+        if not isinstance(named, Iterable):
+            raise TypeError(f"stages={stages!r}: use a stage or a list of them, from {list(STAGES)}.")
+        given_stages: list[object] = list(named)
+        unknown = [s for s in given_stages if not isinstance(s, str) or s not in STAGES]
+        if unknown or not given_stages:
+            raise ValueError(
+                f"stages={given_stages!r}: choose from {list(STAGES)}"
+                + (f" ({unknown[0]!r} is none of them)." if unknown else ".")
+            )
+        stage_set = frozenset(cast(list[str], given_stages))
         if every_n_steps is None and step_set is None and when is None:
             every_n_steps = 100
         return cls(every_n_steps, step_set, when, stage_set)

@@ -87,16 +87,25 @@ class CallerFilter:
 
     def __init__(self, framework: Iterable[str] | Callable[[str], bool] = FRAMEWORK_PACKAGES) -> None:
         if callable(framework):
-            self._is_framework_module: Callable[[str], bool] = framework
+            self._predicate: Callable[[str], bool] | None = framework
             self.packages: tuple[str, ...] | None = None
         else:
+            self._predicate = None
             self.packages = _packages(framework)
-            prefixes = tuple(f"{name}." for name in self.packages)
-            names = frozenset(self.packages)
-            self._is_framework_module = lambda module: module in names or module.startswith(prefixes)
+            self._names = frozenset(self.packages)
+            self._prefixes = tuple(f"{name}." for name in self.packages)
         self.everything = self.packages == ()  # nothing is framework: no frame need be read
         # id(code) -> (code, kind); the code object is kept to tell a reused id from its own.
         self._kinds: dict[int, tuple[CodeType, int]] = {}
+
+    def __getstate__(self) -> dict[str, object]:
+        # sent to other processes (ddp_spawn) without the cache: code objects do not pickle
+        return {**self.__dict__, "_kinds": {}}
+
+    def _is_framework_module(self, module: str) -> bool:
+        if self._predicate is not None:
+            return bool(self._predicate(module))
+        return module in self._names or module.startswith(self._prefixes)
 
     def issued_by_framework(self, frame: FrameType | None) -> bool:
         """Whether the first frame from ``frame`` out that is not plumbing is framework code."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import cast
 
 from lens_callbacks.record import CaptureRecord
 from lens_core import AnomalyReport, store
@@ -28,9 +29,11 @@ class DiskWriter:
     """
 
     def __init__(self, root: str | Path, *, save_tensors: bool = False, per_rank: bool = False) -> None:
-        self.root = Path(root)
-        self.save_tensors = save_tensors
-        self.per_rank = per_rank
+        from lens_callbacks import _checks  # noqa: PLC0415  # _checks imports this package
+
+        self.root = cast(Path, _checks.check_path("root", root))
+        self.save_tensors = _checks.check_bool("save_tensors", save_tensors)
+        self.per_rank = _checks.check_bool("per_rank", per_rank)
 
     def folder(self, record: CaptureRecord) -> Path:
         """The step folder of ``record``: ``root/[rank_<k>/]<stage_>step_<n>``."""

@@ -63,7 +63,7 @@ def train(
 ) -> Run:
     recorder = FindingsRecorder(model)
     writers: list[Writer] = [recorder] if log_dir is None else [recorder, DiskWriter(log_dir)]
-    lens = Lens(model, every_n_steps=every, writers=writers)
+    lens = Lens(model, every_n_steps=every, writers=writers, findings=False)  # the recorder runs them
     losses = []
     for step in range(steps):
         if before_step is not None:
