@@ -90,6 +90,8 @@ def main() -> None:
     print(f"  TensorBoard: .venv/bin/tensorboard --logdir {args.out / 'tensorboard'}  (Graphs, Histograms)")
     print(f"  W&B offline run: {args.out / 'wandb'}  (wandb sync <run folder> uploads it)")
     print(f"  captures on disk: {args.out / 'lens'}  (.venv/bin/lens inspect {captures[-1]})")
+    print(f"  training health: .venv/bin/lens findings {args.out / 'lens'}  "
+          f"(.venv/bin/lens report {args.out / 'lens'} -o report.html)")
 
 if __name__ == "__main__":
     main()

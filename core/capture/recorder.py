@@ -530,15 +530,19 @@ class Recorder(TorchFunctionMode):
         else:  # the root model is the capture itself, not a level of the stack
             self._root_depth += 1
 
-    def _on_module_exit(self, module: nn.Module, args: Any, output: Any) -> None:
-        if id(module) not in self._hooked:
-            self._leave_module(module, output, sys._getframe(1))
-
     def _on_hooked_module_exit(self, module: nn.Module, args: Any, output: Any) -> None:
-        self._leave_module(module, output, sys._getframe(1))
+        self._on_module_exit(module, args, output, sys._getframe(1))
 
-    def _leave_module(self, module: nn.Module, output: Any, caller: FrameType) -> None:
-        """Ends a module call; ``caller`` is the module's ``__call__``, which ran the hook."""
+    def _on_module_exit(
+        self, module: nn.Module, args: Any, output: Any, caller: FrameType | None = None
+    ) -> None:
+        """Ends a module call; ``caller`` is the module's ``__call__``, which ran the hook (given
+        by the per-module hook; the global one leaves hooked modules to it). One function, not
+        two: it runs at every module call."""
+        if caller is None:
+            if id(module) in self._hooked:
+                return
+            caller = sys._getframe(1)
         address = self._addresses.get(id(module))
         if address is None or get_ident() != self._thread:
             return
