@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +25,7 @@ from lens_core.store._layout import (
     MAGIC,
     MAX_JSON_DEPTH,
     SUMMARIES,
+    TEMPORARY,
     TENSORS,
     library_version,
     safetensors_module,
@@ -76,6 +78,7 @@ def save(
     document = _history_document(history, tensors, extra, capture_id, _digests(arrays))
     write_tensors = safetensors_module().torch.save_file if arrays else None
     target.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
     temporary = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
     temporary.mkdir()
     try:
@@ -90,7 +93,28 @@ def save(
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
+    _remove_leftovers(target, started)
     return target
+
+
+# A save of the same path that began this long before ours finished and left its hidden
+# folder behind is dead (killed mid-write), not running: a running one would be that recent.
+_LEFTOVER_AGE = 60.0
+
+
+def _remove_leftovers(target: Path, started: float) -> None:
+    """Removes the hidden folders that interrupted saves of ``target`` left (kill -9), so they
+    are neither kept forever nor reported as writes in progress once ``target`` is complete."""
+    prefix = f".{target.name}.tmp-"
+    for entry in target.parent.iterdir():
+        if not (entry.name.startswith(prefix) and TEMPORARY.match(entry.name)):
+            continue
+        try:
+            stale = entry.lstat().st_mtime < started - _LEFTOVER_AGE and not entry.is_symlink()
+        except OSError:
+            continue
+        if stale:
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def _is_capture_folder(path: Path) -> bool:

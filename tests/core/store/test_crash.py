@@ -72,3 +72,25 @@ def test_a_save_killed_at_any_moment_leaves_nothing_that_loads_wrong(tmp_path: P
     # a folder under its own name is always complete; only the hidden one of a save cut short is not
     refused = [name for name, outcome in outcomes.items() if outcome == "refused"]
     assert [name for name in refused if not name.startswith(".")] == []
+
+
+def test_the_next_save_removes_what_a_killed_save_left(tmp_path: Path) -> None:
+    import torch
+
+    import lens_core as lc
+
+    history = lc.log_forward_pass(torch.nn.Linear(2, 2), torch.randn(1, 2))
+    target = tmp_path / "micro_batch_0"
+    old = tmp_path / ".micro_batch_0.tmp-0123456789ab"  # as a save killed an hour ago left it
+    old.mkdir()
+    (old / "tensors.safetensors").write_bytes(b"\0" * 64)
+    an_hour_ago = time.time() - 3600
+    os.utime(old, (an_hour_ago, an_hour_ago))
+    recent = tmp_path / ".micro_batch_0.tmp-ba9876543210"  # may be a save still running
+    recent.mkdir()
+    other = tmp_path / ".micro_batch_1.tmp-0123456789ab"  # another target's: not ours to judge
+    other.mkdir()
+    os.utime(other, (an_hour_ago, an_hour_ago))
+    lc.save(history, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, recent.name, other.name])
+    assert lc.load(target).layer_labels == history.layer_labels
