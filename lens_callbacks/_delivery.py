@@ -21,7 +21,12 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import chain
 
+import torch
+from torch import nn
+
+from lens_callbacks.record import CaptureRecord
 from lens_callbacks.writers.base import Writer
 
 # One write: the writer and the call that hands it the record (or an anomaly report).
@@ -189,3 +194,31 @@ class Delivery:
                     RuntimeWarning,
                     stacklevel=5,
                 )
+
+def _storage_key(tensor: torch.Tensor) -> tuple[torch.device, int] | None:
+    try:
+        pointer = tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a tensor without storage (meta, DTensor...)
+        return None
+    return (tensor.device, pointer) if pointer else None
+
+
+def own_tensors(record: CaptureRecord, model: nn.Module) -> None:
+    """Copies the record's saved tensors that share memory with the model's parameters, buffers
+    or ``.grad``, so that a writer on another thread reads them as the step left them, not as
+    the next updates change them in place. The rest are the step's own outputs, which later
+    steps do not write to."""
+    state = {
+        key for tensor in chain(model.parameters(), model.buffers(),
+                                (p.grad for p in model.parameters() if p.grad is not None))
+        if (key := _storage_key(tensor)) is not None
+    }
+    with torch._C.DisableTorchFunction(), torch.no_grad():
+        for history in record.histories:
+            for layer in history.layer_list:
+                saved = layer.saved_tensor
+                if saved is not None and _storage_key(saved) in state:
+                    layer.saved_tensor = saved.clone()
+                slot = layer.gradient_slot
+                if slot is not None and slot.value is not None and _storage_key(slot.value) in state:
+                    slot.value = slot.value.clone()
