@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,8 @@ import torch.distributed as dist
 from torch import nn
 
 import lens_core as lc
-from lens_callbacks import CaptureRecord, Lens
+from lens_callbacks import Lens
+from tests.callbacks.helpers import RecordWriter
 
 WORLD = 2
 
@@ -35,16 +35,6 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(torch.relu(self.up(x)))
 
-
-@dataclass
-class Keep:
-    records: list[CaptureRecord] = field(default_factory=list)
-
-    def write(self, record: CaptureRecord) -> None:
-        self.records.append(record)
-
-    def close(self) -> None:
-        pass
 
 
 def _shard(model: nn.Module, variant: str) -> nn.Module:
@@ -97,7 +87,7 @@ def worker(rank: int, out: str, variant: str, port: str) -> None:
         torch.manual_seed(0)
         model = _shard(MLP(), variant)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        keep = Keep()
+        keep = RecordWriter()
         lens = Lens(model, steps=[1], writers=[keep])
         lens.rank, lens.enabled = rank, True
         generator = torch.Generator().manual_seed(rank)

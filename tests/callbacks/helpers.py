@@ -50,6 +50,19 @@ class ListWriter:
         return [seen.step for seen in self.seen]
 
 
+@dataclass
+class RecordWriter:
+    """Keeps every record a capture hands over, tensors and all, to compare with an oracle."""
+
+    records: list[CaptureRecord] = field(default_factory=list)
+
+    def write(self, record: CaptureRecord) -> None:
+        self.records.append(record)
+
+    def close(self) -> None:
+        pass
+
+
 class SummariesOnly(ListWriter):
     """Reads summaries, never tensors, and says so: captures may then summarise as they run."""
 

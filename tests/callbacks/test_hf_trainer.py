@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,8 @@ import pytest
 import torch
 
 import lens_core as lc
-from lens_callbacks import CaptureRecord, DiskWriter
+from lens_callbacks import DiskWriter
+from tests.callbacks.helpers import RecordWriter
 from tests.callbacks.test_lens import nothing_installed
 from tests.conftest import require
 
@@ -25,18 +25,6 @@ def _require() -> Any:
 
     return LensTrainerCallback
 
-
-@dataclass
-class RecordWriter:
-    """Keeps every record a capture hands over."""
-
-    records: list[CaptureRecord] = field(default_factory=list)
-
-    def write(self, record: CaptureRecord) -> None:
-        self.records.append(record)
-
-    def close(self) -> None:
-        pass
 
 
 class GradientOracle:

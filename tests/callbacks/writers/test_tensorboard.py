@@ -12,7 +12,6 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from lens_callbacks.record import build_record
 from lens_callbacks.writers import TensorBoardWriter
 from lens_callbacks.writers import tensorboard_graph as tb_graph
 from lens_callbacks.writers.tensorboard import CURATED_SCALARS, STATISTICS
+from tests.callbacks.helpers import RecordWriter
 from tests.callbacks.lightning_helpers import LitCNN, loader, trainer
 from tests.conftest import require
 
@@ -53,18 +53,6 @@ class NestedCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, 1, 8, 8)
         return self.classifier(self.features(x))
 
-
-@dataclass
-class Keep:
-    """Keeps every record, to compare what TensorBoard read back with what was written."""
-
-    records: list[CaptureRecord] = field(default_factory=list)
-
-    def write(self, record: CaptureRecord) -> None:
-        self.records.append(record)
-
-    def close(self) -> None:
-        pass
 
 
 def accumulator(logdir: Path) -> EventAccumulator:
@@ -127,11 +115,11 @@ def check_graph(graph: Any, history: lc.ModelHistory) -> None:
             assert all(param.name in facts["params"] for param in layer.params)
 
 
-def train_plain(logdir: Path, steps: int = 4, **options: Any) -> Keep:
+def train_plain(logdir: Path, steps: int = 4, **options: Any) -> RecordWriter:
     torch.manual_seed(0)
     model = NestedCNN()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    keep = Keep()
+    keep = RecordWriter()
     lens = Lens(model, every_n_steps=2, writers=[TensorBoardWriter(logdir, **options), keep], strict=True)
     generator = torch.Generator().manual_seed(0)
     for step in range(steps):
@@ -145,14 +133,14 @@ def train_plain(logdir: Path, steps: int = 4, **options: Any) -> Keep:
 
 
 @pytest.fixture(scope="module")
-def plain_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Keep]:
+def plain_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RecordWriter]:
     """A run of a plain loop (captures at steps 0 and 2) in ``<root>/plain``."""
     root = tmp_path_factory.mktemp("runs")
     return root, train_plain(root / "plain")
 
 
 @pytest.fixture(scope="module")
-def all_scalars_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Keep]:
+def all_scalars_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RecordWriter]:
     """The same run written with ``scalars="all"``."""
     logdir = tmp_path_factory.mktemp("runs") / "all"
     return logdir, train_plain(logdir, scalars="all")
@@ -161,7 +149,7 @@ def all_scalars_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Kee
 # -- the graph ---------------------------------------------------------------------------------
 
 
-def test_graph_per_step_and_run_graph(plain_run: tuple[Path, Keep]) -> None:
+def test_graph_per_step_and_run_graph(plain_run: tuple[Path, RecordWriter]) -> None:
     root, keep = plain_run
     events = accumulator(root / "plain")
     assert [record.step for record in keep.records] == [0, 2]
@@ -188,7 +176,7 @@ def test_graph_per_step_and_run_graph(plain_run: tuple[Path, Keep]) -> None:
     check_graph(events.Graph(), keep.records[0].history)  # the run graph: the first capture's
 
 
-def test_graph_edges_are_labelled_with_shapes(plain_run: tuple[Path, Keep]) -> None:
+def test_graph_edges_are_labelled_with_shapes(plain_run: tuple[Path, RecordWriter]) -> None:
     root, keep = plain_run
     _, metadata = tagged_graph(accumulator(root / "plain"), "lens.graph/step_000000")
     nodes = {node.name: node for node in metadata.function_graphs[0].pre_optimization_graph.node}
@@ -297,7 +285,7 @@ def expected_tags(record: CaptureRecord) -> dict[str, Any]:
     return tags
 
 
-def test_histograms_are_our_bins(plain_run: tuple[Path, Keep]) -> None:
+def test_histograms_are_our_bins(plain_run: tuple[Path, RecordWriter]) -> None:
     root, keep = plain_run
     events = accumulator(root / "plain")
     tags = expected_tags(keep.records[0])
@@ -343,7 +331,7 @@ def check_scalars(
             assert scalar.value == pytest.approx(value, rel=1e-6, abs=1e-12, nan_ok=True), tag
 
 
-def test_default_scalars_are_a_few_that_matter(plain_run: tuple[Path, Keep]) -> None:
+def test_default_scalars_are_a_few_that_matter(plain_run: tuple[Path, RecordWriter]) -> None:
     root, keep = plain_run
     events = accumulator(root / "plain")
     assert CURATED_SCALARS == {
@@ -365,7 +353,7 @@ def test_default_scalars_are_a_few_that_matter(plain_run: tuple[Path, Keep]) -> 
 
 
 def test_all_scalars_is_every_statistic(
-    all_scalars_run: tuple[Path, Keep], plain_run: tuple[Path, Keep]
+    all_scalars_run: tuple[Path, RecordWriter], plain_run: tuple[Path, RecordWriter]
 ) -> None:
     logdir, keep = all_scalars_run
     events = accumulator(logdir)
@@ -394,7 +382,7 @@ class NonFinite(nn.Module):
 
 def test_nan_and_inf_counts_appear_only_where_there_are_some(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model, keep = NonFinite(), Keep()
+    model, keep = NonFinite(), RecordWriter()
     # findings=False: the non-finite values would also write the findings' own tags
     lens = Lens(model, every_n_steps=1, writers=[TensorBoardWriter(tmp_path), keep], strict=True,
                 findings=False)
@@ -455,7 +443,7 @@ def test_lightning_tensorboard_logger(tmp_path: Path) -> None:
     assert logger._experiment is None  # the logger still picks its version folder itself
     assert TensorBoardWriter.from_logger(CSVLogger(tmp_path)) is None
     assert TensorBoardWriter.from_logger(None) is None
-    keep = Keep()
+    keep = RecordWriter()
     torch.manual_seed(0)
     callback = LensCallback(layers="conv", every_n_steps=2, writers=[writer, keep])
     trainer(tmp_path, [callback], logger=logger, max_steps=4).fit(LitCNN(), loader())
@@ -510,7 +498,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def tensorboard_server(plain_run: tuple[Path, Keep]) -> Iterator[str]:
+def tensorboard_server(plain_run: tuple[Path, RecordWriter]) -> Iterator[str]:
     """A real ``tensorboard`` serving the plain run; stopped by its PID whatever happens."""
     require(TENSORBOARD.exists(), 'no tensorboard beside python (pip install "lens-callbacks[tensorboard]")')
     root, _ = plain_run
@@ -565,7 +553,7 @@ def served_attributes(pbtxt: str) -> Iterator[tuple[str, str]]:
 
 
 def test_tensorboard_serves_our_graph_and_histograms(
-    tensorboard_server: str, plain_run: tuple[Path, Keep]
+    tensorboard_server: str, plain_run: tuple[Path, RecordWriter]
 ) -> None:
     url, (_, keep) = tensorboard_server, plain_run
     info = json.loads(get(f"{url}/data/plugin/graphs/info"))["plain"]
