@@ -54,7 +54,10 @@ def test_strict_raises_only_after_every_writer_has_the_record(tmp_path: Path, ba
 
 def test_a_failing_writer_costs_the_others_nothing(tmp_path: Path) -> None:
     model = SmallCNN()
-    lens = Lens(model, every_n_steps=1, writers=[RaisingWriter(), DiskWriter(tmp_path)], background=True)
+    # A queue as long as the run: on a busy machine the disk writer falls behind, and a full
+    # queue dropping a capture is another test's subject.
+    lens = Lens(model, every_n_steps=1, writers=[RaisingWriter(), DiskWriter(tmp_path)], background=True,
+                max_queued=6)
     with pytest.warns(RuntimeWarning, match="RaisingWriter failed to write step 0"):
         train(model, lens, steps=6)
     assert written_steps(tmp_path) == [f"step_{i:06d}" for i in range(6)]
@@ -199,6 +202,6 @@ def test_lightning_teardown_flushes_the_background_writes(tmp_path: Path) -> Non
     from tests.callbacks.lightning_helpers import LitCNN, loader, trainer
 
     writer = ListWriter()
-    callback = LensCallback(every_n_steps=1, writers=[writer], background=True)
+    callback = LensCallback(every_n_steps=1, writers=[writer], background=True, max_queued=4)
     trainer(tmp_path, [callback]).fit(LitCNN(), loader())
     assert writer.steps == [0, 1, 2, 3]
