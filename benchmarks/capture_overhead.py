@@ -67,6 +67,39 @@ class Recurrent(nn.Module):
         return self.head(h)
 
 
+class LSTMLoop(nn.Module):
+    """``nn.LSTMCell`` stepped in a Python loop: a few small ops per step, so per-op cost dominates."""
+
+    def __init__(self, dim: int = 128, hidden: int = 256) -> None:
+        super().__init__()
+        self.cell, self.head = nn.LSTMCell(dim, hidden), nn.Linear(hidden, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, steps, dim)
+        h = c = x.new_zeros(x.shape[0], self.cell.hidden_size)
+        for t in range(x.shape[1]):
+            h, c = self.cell(x[:, t], (h, c))
+        return self.head(h)
+
+
+class GPT2(nn.Module):
+    """A randomly initialised ``transformers.GPT2Model`` (no LM head) that returns its last hidden state.
+
+    The benchmark's helpers need a tensor out, not a ``ModelOutput``. Eager attention keeps the
+    attention matmuls and softmax visible as separate ops instead of one fused SDPA call.
+    """
+
+    def __init__(self, layers: int) -> None:
+        super().__init__()
+        from transformers import GPT2Config, GPT2Model  # lazy: only runs that ask for gpt2 pay the import
+
+        config = GPT2Config(n_layer=layers, n_embd=768, n_head=12, n_positions=1024, use_cache=False,
+                            attn_implementation="eager")
+        self.gpt2 = GPT2Model(config)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, tokens) -> (B, tokens, 768)
+        return self.gpt2(input_ids).last_hidden_state
+
+
 def _models(quick: bool) -> dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]]:
     from torchvision import models as tv
 
@@ -89,6 +122,8 @@ def _models(quick: bool) -> dict[str, Callable[[], tuple[nn.Module, torch.Tensor
         ),
         "mlp_mixer": lambda: (Mixer(depth=2 if quick else 8), torch.randn(b, 3, 128, 128)),
         "recurrent": lambda: (Recurrent(), torch.randn(b, 5 if quick else 50, 128)),
+        "gpt2": lambda: (GPT2(2 if quick else 12), torch.randint(0, 50257, (b, 16 if quick else 128))),
+        "lstm": lambda: (LSTMLoop(), torch.randn(b, 5 if quick else 50, 128)),
     }
 
 
