@@ -141,9 +141,11 @@ class Capture:
             )
         self.summaries = summaries
         self.argument = _argument  # what the user called `layers`, for error messages
-        modules = list(model.named_modules())
-        _warn_scripted([name for name, module in modules if isinstance(module, torch.jit.ScriptModule)])
-        self.selection = Selection(layers, (name for name, _ in modules), _argument)
+        # The first start() uses this index: one walk over the model for both.
+        self._index: ModelIndex | None = ModelIndex.of(model)
+        modules = self._index.by_address
+        _warn_scripted([name for name, m in modules.items() if isinstance(m, torch.jit.ScriptModule)])
+        self.selection = Selection(layers, modules, _argument)
         self._recorder: Recorder | None = None
         self._history: ModelHistory | None = None
         self._rng_states: dict[str, Any] = {}
@@ -189,8 +191,9 @@ class Capture:
             self._rng_states = get_rng_states()
             if self.random_seed is not None:
                 torch.manual_seed(self.random_seed)
+            index, self._index = self._index or ModelIndex.of(self.model), None  # a later start: afresh
             self._recorder = Recorder(
-                ModelIndex.of(self.model), self.selection, stop_frame, gradients=self.gradients,
+                index, self.selection, stop_frame, gradients=self.gradients,
                 unscale=self._unscale, keep_calls=self._keep_calls, summaries=self.summaries,
                 callers=self.callers, bookkeeping=self.bookkeeping,
             )
@@ -327,6 +330,8 @@ def _build_history(cap: Capture, recorder: Recorder, elapsed: float, strict: boo
         )
 
     index = recorder.index
+    module_calls = dict(recorder.module_calls)
+    module_calls.pop("", None)  # the model's own call is the capture, not a module call
     if selection.everything or selection.is_empty:
         listed = [e.label for e in entries]
     else:
@@ -337,7 +342,7 @@ def _build_history(cap: Capture, recorder: Recorder, elapsed: float, strict: boo
         layer_labels=listed,
         module_addresses=list(index.module_types),
         module_types=index.module_types,
-        module_calls={k: v for k, v in recorder.module_calls.items() if k},
+        module_calls=module_calls,
         total_params=sum(p.numel for p in index.params.values()),
         total_param_bytes=sum(p.nbytes for p in index.params.values()),
         random_seed=cap.random_seed,
