@@ -144,13 +144,18 @@ def _packages(framework: object) -> tuple[str, ...]:
     return names
 
 
-_DEFAULT = CallerFilter()
+_SHARED: dict[tuple[str, ...], CallerFilter] = {FRAMEWORK_PACKAGES: CallerFilter()}
 
 
 def caller_filter(framework: FrameworkSpec) -> CallerFilter:
-    """The filter for ``framework``; the default one is shared, so its cache lasts the process."""
+    """The filter for ``framework``. Filters of package names are shared, so that their caches
+    (and the recorder's table of code paths, kept per filter) last the process."""
     if isinstance(framework, CallerFilter):
         return framework
-    if framework is FRAMEWORK_PACKAGES:
-        return _DEFAULT
-    return CallerFilter(framework)
+    if callable(framework):
+        return CallerFilter(framework)
+    packages = _packages(framework)
+    shared = _SHARED.get(packages)
+    if shared is None:
+        shared = _SHARED[packages] = CallerFilter(packages)
+    return shared

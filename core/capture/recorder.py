@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from functools import partial
 from threading import get_ident
 from time import perf_counter
-from types import CodeType, FrameType
+from types import FrameType
 from typing import Any
 
 import torch
@@ -37,16 +37,20 @@ from lens_core.capture.callers import CallerFilter
 from lens_core.capture.gradients import GradientSlot
 from lens_core.capture.records import CallRecord, Layer, ModelIndex, ParamInfo, ParentRef, StackNode
 from lens_core.capture.selection import Selection
+from lens_core.capture.sites import MAX_FRAMES, Site, sites_for
 from lens_core.summaries import Summaries, storage_intact
 
 # Per-callable facts, shared by all captures: torch callables live as long as the process.
 _OP_INFO: dict[Callable[..., Any], OpInfo] = {}
-# Deepest call stack recorded per op when the capture's own frame is not on the stack.
-_MAX_FRAMES = 64
+_EVERY_OP = CallerFilter(())  # no op is framework's
+_SEQUENCES = frozenset({list, tuple})  # arguments that may hold tensors (exact types: not a shape)
 
 _RecurrenceKey = tuple[Any, ...]
-# A module call in progress: the frame it began in, the stack outside it, and a key of that stack.
-_Boundary = tuple[FrameType | None, StackNode | None, int]
+# A module call in progress: the frame it began in, the Python stack outside it and that stack's
+# key, and (None for the capture's own frame) the module stack outside it with the call's own
+# address and pass: (module_stack, stack_addresses, address, pass).
+_Outside = tuple[tuple[str, ...], tuple[str, ...], str, int]
+_Boundary = tuple[FrameType | None, StackNode | None, int, _Outside | None]
 
 
 def iter_tensors(obj: Any, depth: int = 0) -> Iterator[Tensor]:
@@ -89,7 +93,7 @@ def _in_reentrant_checkpoint(frame: FrameType | None) -> bool:
     forward = getattr(getattr(checkpoint, "CheckpointFunction", None), "forward", None)
     code = getattr(forward, "__code__", None)
     depth = 0
-    while frame is not None and code is not None and depth < _MAX_FRAMES:
+    while frame is not None and code is not None and depth < MAX_FRAMES:
         if frame.f_code is code:
             return True
         frame, depth = frame.f_back, depth + 1
@@ -116,11 +120,10 @@ class Recorder(TorchFunctionMode):
         unscale: Callable[[], float] | None = None,
         keep_calls: bool = False,
         summaries: Summaries | None = None,
-        callers: CallerFilter | None = None,
+        callers: CallerFilter = _EVERY_OP,
         bookkeeping: bool = False,
     ) -> None:
         super().__init__()
-        self._callers = None if callers is None or callers.everything else callers
         self._bookkeeping = bookkeeping
         self._gradients = gradients
         self._summaries = summaries
@@ -147,12 +150,14 @@ class Recorder(TorchFunctionMode):
         self.saved_versions: dict[int, int] = {}  # entry index -> tensor version when saved
         self._stack: tuple[str, ...] = ()  # "address:pass" of the modules we are inside
         self._stack_addresses: tuple[str, ...] = ()
-        self._stack_calls: list[int] = []  # the pass of each module call on the stack
         self._keep_module_outputs = bool(selection.modules)
         self._root_depth = 0
         # The module calls we are inside, innermost last (the capture's own frame first).
-        self._boundaries: list[_Boundary] = [(stop_frame, None, 0)]
-        self._stack_keys: dict[tuple[Any, ...], int] = {}  # code path -> small int key
+        # The capture's own frame is walked too (it moves on between ops): the walks end above it.
+        top = None if stop_frame is None else stop_frame.f_back
+        self._boundaries: list[_Boundary] = [(top, None, 0, None)]
+        self._sites = sites_for(callers)
+        self._known_sites = self._sites.known
         self._handles: list[RemovableHandle] = []
         self._hooked: set[int] = set()  # ids of the modules left by _on_hooked_module_exit
         # parameters swapped in during the pass (sharding), by id: (weak reference, what it is)
@@ -205,7 +210,7 @@ class Recorder(TorchFunctionMode):
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._boundaries = [(None, None, 0)]  # hold no frame of the caller's after the capture
+        self._boundaries = [(None, None, 0, None)]  # hold no frame of the caller's after the capture
 
     # -- ops ----------------------------------------------------------------------------------
 
@@ -228,7 +233,8 @@ class Recorder(TorchFunctionMode):
             mutated = info.mutated_tensor(args, kwargs)
             if mutated is not None and self._saved_by_storage:
                 self._copy_before_write(mutated)
-        if self._callers is not None and self._callers.issued_by_framework(sys._getframe(1)):
+        site = self._site(sys._getframe(1))
+        if site[2]:  # issued by framework code
             out = func(*args, **kwargs)
             self._pass_through((args, kwargs), out)
             return out
@@ -240,13 +246,13 @@ class Recorder(TorchFunctionMode):
         out = func(*args, **kwargs)
         elapsed = perf_counter() - start
         if isinstance(out, Tensor):
-            self._record(func, info, args, kwargs, ((None, out),), elapsed, mutated)
+            self._record(func, info, args, kwargs, ((None, out),), elapsed, mutated, site)
         elif isinstance(out, (tuple, list)):
             outputs = tuple((i, o) for i, o in enumerate(out) if isinstance(o, Tensor))
             if outputs:
-                self._record(func, info, args, kwargs, outputs, elapsed, mutated)
+                self._record(func, info, args, kwargs, outputs, elapsed, mutated, site)
         elif out is None and isinstance(mutated, Tensor):  # x[i] = y returns nothing, changes x
-            self._record(func, info, args, kwargs, ((None, mutated),), elapsed, mutated)
+            self._record(func, info, args, kwargs, ((None, mutated),), elapsed, mutated, site)
         return out
 
     def _copy_before_write(self, mutated: Any) -> None:
@@ -281,6 +287,7 @@ class Recorder(TorchFunctionMode):
         outputs: tuple[tuple[int | None, Tensor], ...],
         elapsed: float,
         mutated: Any,
+        site: Site,
     ) -> None:
         parents: list[int] = []
         params: list[ParamInfo] = []
@@ -292,34 +299,36 @@ class Recorder(TorchFunctionMode):
                 {k: self._call_template(v, parents, params, buffers) for k, v in kwargs.items()},
             )
         else:
+            known_params = self._params
             for arg in (*args, *kwargs.values()) if kwargs else args:
                 if isinstance(arg, Tensor):
-                    self._classify_arg(arg, parents, params, buffers)
-                elif type(arg) is list or type(arg) is tuple:
+                    param = known_params.get(id(arg))  # the commonest case first, without a call
+                    if param is None:
+                        self._classify_arg(arg, parents, params, buffers)
+                    else:
+                        params.append(param)
+                elif type(arg) in _SEQUENCES:
                     for item in arg:
                         if isinstance(item, Tensor):
                             self._classify_arg(item, parents, params, buffers)
         if buffers and not (parents or params or self._bookkeeping) and self._only_buffers(mutated):
             return  # bookkeeping (``num_batches_tracked += 1``): nothing of the inputs in it
 
-        # the caller of __torch_function__; an op with parameters needs no key of its code path
-        frames, site = self._walk(sys._getframe(2), keyed=not params or mutated is not None)
+        frames, path = site[0], site[1]
         if params:  # an op using the same parameters again is another pass of the same layer
             key_base: tuple[Any, ...] = (func, tuple([p.name for p in params]))
         else:  # a parameter-free op is one when it runs again from the same code path
-            key_base = (func, self._stack_addresses, site)
-        params_used, buffers_used = tuple(params), tuple(buffers)
+            key_base = (func, self._stack_addresses, path)
+        params_used, buffers_used, inplace = tuple(params), tuple(buffers), mutated is not None
         for out_index, out in outputs:
             entry = self._new_entry(
                 (*key_base, out_index), info.type_name, info.func_name, func, out, parents, frames,
-                params_used, buffers_used,
+                params_used, buffers_used, inplace=inplace, output_index=out_index, elapsed=elapsed,
             )
-            entry.is_inplace = mutated is not None
-            entry.output_index = out_index
-            entry.time_elapsed = elapsed
-            entry.call = call
+            if call is not None:
+                entry.call = call
         if mutated is not None:
-            self._record_writes_through_views(mutated, entry, site, frames)
+            self._record_writes_through_views(mutated, entry, path, frames)
 
     def _only_buffers(self, mutated: Any) -> bool:
         """Whether ``mutated`` is one or more of the model's buffers (False for None)."""
@@ -419,26 +428,21 @@ class Recorder(TorchFunctionMode):
             return type(arg)(self._call_template(a, parents, params, buffers) for a in arg)
         return arg
 
-    def _walk(self, frame: FrameType | None, keyed: bool = True) -> tuple[StackNode, int]:
-        """The stack from ``frame`` out, as a node, and (if ``keyed``) a key of its code path.
+    def _site(self, frame: FrameType | None) -> Site:
+        """Where ``frame`` is (see :mod:`~lens_core.capture.sites`): the stack from it out, a
+        key of its code path, and whether framework code issued an op called from it.
 
-        Only the frames up to the innermost module call are walked; the node of the stack
-        outside that call was made when it began (those frames are suspended meanwhile).
+        Only the frames up to the innermost module call are walked; the node of the stack outside
+        that call was made when it began (those frames are suspended meanwhile).
         """
-        boundaries = self._boundaries
-        boundary, outer, key = boundaries[-1]
-        frames: list[tuple[CodeType, int]] = []
-        while frame is not None and frame is not boundary and len(frames) < _MAX_FRAMES:
-            frames.append((frame.f_code, frame.f_lasti))
-            frame = frame.f_back
-        if frame is None or frame is not boundary:  # not below the capture (or too deep)
-            key, outer = -1, None
-        elif len(boundaries) == 1:  # the capture's own frame, which moves on between ops
-            frames.append((frame.f_code, frame.f_lasti))
-        if keyed:  # ids, not the code objects, whose hash is slow
-            path = (key, *[(id(code), lasti) for code, lasti in frames])
-            key = self._stack_keys.setdefault(path, len(self._stack_keys) + 1)
-        return StackNode(tuple(frames), outer), key
+        boundary, outer, key, _ = self._boundaries[-1]
+        path = [key]
+        walked = frame
+        while walked is not boundary and walked is not None:  # None: not below the capture
+            path += id(walked.f_code), walked.f_lasti  # ids: a code object's hash is slow
+            walked = walked.f_back
+        ident = tuple(path)
+        return self._known_sites.get(ident) or self._sites.add(ident, frame, boundary, outer)
 
     def _new_entry(
         self,
@@ -452,6 +456,9 @@ class Recorder(TorchFunctionMode):
         params: tuple[ParamInfo, ...] = (),
         buffers: tuple[str, ...] = (),
         produces: bool = True,
+        inplace: bool = False,
+        output_index: int | None = None,
+        elapsed: float = 0.0,
     ) -> Layer:
         """A new entry for ``out``; ``produces`` makes it what later reads of ``out`` depend on."""
         layer = self._layers.get(key)
@@ -464,7 +471,7 @@ class Recorder(TorchFunctionMode):
             type_name, layer[0], layer[1], layer[2], len(self.entries), func_name, func,
             tuple(out.shape), out.dtype, out.device,
             None if grad_fn is None else type(grad_fn).__name__,
-            self._stack, params, buffers, parents, frames,
+            self._stack, params, buffers, parents, frames, False, False, inplace, output_index, elapsed,
         )
         self.entries.append(entry)
         if produces:
@@ -522,11 +529,12 @@ class Recorder(TorchFunctionMode):
             return
         call = self.module_calls[address] = self.module_calls.get(address, 0) + 1
         caller = sys._getframe(1)  # the module's __call__, which called this hook
-        self._boundaries.append((caller, *self._walk(caller)))
+        node, key, _ = self._site(caller)
+        stack, addresses = self._stack, self._stack_addresses
+        self._boundaries.append((caller, node, key, (stack, addresses, address, call)))
         if address:
-            self._stack += (f"{address}:{call}",)
-            self._stack_addresses += (address,)
-            self._stack_calls.append(call)
+            self._stack = (*stack, f"{address}:{call}")
+            self._stack_addresses = (*addresses, address)
         else:  # the root model is the capture itself, not a level of the stack
             self._root_depth += 1
 
@@ -543,33 +551,33 @@ class Recorder(TorchFunctionMode):
             if id(module) in self._hooked:
                 return
             caller = sys._getframe(1)
-        address = self._addresses.get(id(module))
-        if address is None or get_ident() != self._thread:
+        if get_ident() != self._thread:
             return
         boundaries = self._boundaries
-        if boundaries[-1][0] is caller:
+        begun = boundaries[-1]
+        if begun[0] is caller:
             boundaries.pop()
-        else:  # an exception unwound inner module calls without their exit hooks
-            for depth in range(len(boundaries) - 2, 0, -1):
-                if boundaries[depth][0] is caller:
+        else:  # raised in forward (the hook runs from elsewhere), or inner calls ended unseen
+            address = self._addresses.get(id(module))
+            for depth in range(len(boundaries) - 1, 0, -1):
+                outside = boundaries[depth][3]
+                if boundaries[depth][0] is caller or (outside is not None and outside[2] == address):
+                    begun = boundaries[depth]
                     del boundaries[depth:]
                     break
+            else:
+                return  # not a call we saw begin
+        outside = begun[3]
+        if outside is None:
+            return
+        self._stack, self._stack_addresses, address, call = outside
         if not address:
             self._root_depth -= 1
             if self._root_depth == 0:  # a model that calls itself returns once, at the top
                 for position, tensor in enumerate(iter_tensors(output)):
                     self._add_output(position, tensor)
             return
-        # Normally the top of the stack; after an exception unwound inner modules, deeper.
-        addresses = self._stack_addresses
-        depth = len(addresses) - 1
-        while depth >= 0 and addresses[depth] != address:
-            depth -= 1
-        if depth < 0:
-            return
-        tag, call = self._stack[depth], self._stack_calls[depth]
-        self._stack, self._stack_addresses = self._stack[:depth], addresses[:depth]
-        del self._stack_calls[depth:]
+        tag = f"{address}:{call}"
         keep = self._keep_module_outputs and self._selection.keep_module_output(address, call)
         for tensor in (output,) if isinstance(output, Tensor) else iter_tensors(output):
             producer = self._producers.get(id(tensor))
