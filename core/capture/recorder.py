@@ -48,8 +48,8 @@ _SEQUENCES = frozenset({list, tuple})  # arguments that may hold tensors (exact 
 _RecurrenceKey = tuple[Any, ...]
 # A module call in progress: the frame it began in, the Python stack outside it and that stack's
 # key, and (None for the capture's own frame) the module stack outside it with the call's own
-# address and pass: (module_stack, stack_addresses, address, pass).
-_Outside = tuple[tuple[str, ...], tuple[str, ...], str, int]
+# address, pass and tag: (module_stack, stack_addresses, address, pass, "address:pass").
+_Outside = tuple[tuple[str, ...], tuple[str, ...], str, int, str]
 _Boundary = tuple[FrameType | None, StackNode | None, int, _Outside | None]
 
 
@@ -530,10 +530,10 @@ class Recorder(TorchFunctionMode):
         call = self.module_calls[address] = self.module_calls.get(address, 0) + 1
         caller = sys._getframe(1)  # the module's __call__, which called this hook
         node, key, _ = self._site(caller)
-        stack, addresses = self._stack, self._stack_addresses
-        self._boundaries.append((caller, node, key, (stack, addresses, address, call)))
+        stack, addresses, tag = self._stack, self._stack_addresses, f"{address}:{call}"
+        self._boundaries.append((caller, node, key, (stack, addresses, address, call, tag)))
         if address:
-            self._stack = (*stack, f"{address}:{call}")
+            self._stack = (*stack, tag)
             self._stack_addresses = (*addresses, address)
         else:  # the root model is the capture itself, not a level of the stack
             self._root_depth += 1
@@ -570,14 +570,13 @@ class Recorder(TorchFunctionMode):
         outside = begun[3]
         if outside is None:
             return
-        self._stack, self._stack_addresses, address, call = outside
+        self._stack, self._stack_addresses, address, call, tag = outside
         if not address:
             self._root_depth -= 1
             if self._root_depth == 0:  # a model that calls itself returns once, at the top
                 for position, tensor in enumerate(iter_tensors(output)):
                     self._add_output(position, tensor)
             return
-        tag = f"{address}:{call}"
         keep = self._keep_module_outputs and self._selection.keep_module_output(address, call)
         for tensor in (output,) if isinstance(output, Tensor) else iter_tensors(output):
             producer = self._producers.get(id(tensor))
