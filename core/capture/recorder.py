@@ -493,7 +493,7 @@ class Recorder(TorchFunctionMode):
             summaries.add(("activation", entry.index), tensor)
             entry.summarized = True
             return
-        entry.tensor_contents = tensor
+        entry.saved_tensor = tensor  # not the property: nothing was saved or is to be loaded yet
         key = _storage_key(tensor)
         if key is not None:
             self._saved_by_storage.setdefault(key, []).append(entry)
