@@ -65,3 +65,22 @@ def test_filters_of_the_same_packages_are_one_filter() -> None:
     assert caller_filter(("trainkit",)) is not caller_filter(("mylib",))
     predicate = caller_filter(lambda module: module.startswith("trainkit"))
     assert predicate is not caller_filter(lambda module: module.startswith("trainkit"))
+
+
+def test_a_capture_without_its_own_frame_walks_a_bounded_stack() -> None:
+    """``Capture.start()`` with no frame to stop at (as training callbacks start it), deep in a
+    recursion: each op keeps its nearest frames only, and repeats are recognised."""
+    model, x = Branches(), torch.randn(2, 4)
+
+    def deep(depth: int) -> lc.ModelHistory:
+        if depth:
+            return deep(depth - 1)
+        cap = lc.capture(model).start()
+        model(x).sum()
+        return cap.stop()
+
+    first, second = deep(200), deep(200)
+    assert first.layer_labels == second.layer_labels
+    # the nearest MAX_FRAMES above the model, and the few between the op and its module
+    assert all(len(list(layer.frames or ())) < sites.MAX_FRAMES + 10 for layer in first.layer_list)
+    assert first.layer_labels[-1] == "sum_1_6"  # the loss, at top level
