@@ -34,7 +34,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from lens_core.capture._ops import MUTATES_NOTHING, OpInfo, describe, write_through_view
-from lens_core.capture.callers import CallerFilter
+from lens_core.capture.callers import CallerFilter, caller_filter
 from lens_core.capture.gradients import GradientSlot
 from lens_core.capture.records import CallRecord, Layer, ModelIndex, ParamInfo, ParentRef, StackNode
 from lens_core.capture.selection import Selection
@@ -43,7 +43,7 @@ from lens_core.summaries import Summaries, storage_intact
 
 # Per-callable facts, shared by all captures: torch callables live as long as the process.
 _OP_INFO: dict[Callable[..., Any], OpInfo] = {}
-_EVERY_OP = CallerFilter(())  # no op is framework's
+_EVERY_OP = caller_filter(())  # no op is framework's
 _SEQUENCES = frozenset({list, tuple})  # arguments that may hold tensors (exact types: not a shape)
 
 _RecurrenceKey = tuple[Any, ...]
@@ -300,14 +300,9 @@ class Recorder(TorchFunctionMode):
                 {k: self._call_template(v, parents, params, buffers) for k, v in kwargs.items()},
             )
         else:
-            known_params = self._params
             for arg in (*args, *kwargs.values()) if kwargs else args:
                 if isinstance(arg, Tensor):
-                    param = known_params.get(id(arg))  # the commonest case first, without a call
-                    if param is None:
-                        self._classify_arg(arg, parents, params, buffers)
-                    else:
-                        params.append(param)
+                    self._classify_arg(arg, parents, params, buffers)
                 elif type(arg) in _SEQUENCES:
                     for item in arg:
                         if isinstance(item, Tensor):
